@@ -1,0 +1,247 @@
+"""Configuration: frozen dataclasses per stage, the only place defaults live.
+
+Every field carries a comment with its meaning and unit. Presets are YAML files (``configs/``)
+whose keys mirror these dataclasses; unknown keys are an error naming the key and the valid ones.
+The resolved configuration is written next to every result (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class GlyphConfig:
+    """The embedded glyph benchmark (rendered from matplotlib's bundled fonts)."""
+
+    seed: int = 0  # drives class splits, font choice per sample and distortions
+    image_size: int = 32  # rendered image side, pixels
+    samples_per_class: int = 20  # images written per character class
+    min_fonts: int = 6  # a character is a class only if this many font files draw it with ink
+    val_fraction: float = 0.15  # fraction of each domain's classes in the validation split
+    test_fraction: float = 0.15  # fraction of the training domain's classes held out as in-domain test
+    max_classes_per_domain: int = 400  # cap on classes kept per domain (keeps generation fast)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One image domain: a folder-per-class tree or a CSV of (image path, label)."""
+
+    name: str  # short name used in tables
+    path: str  # folder-per-class root, or a CSV file with columns `path,label`
+    format: str = "folder"  # "folder" | "csv"
+    splits: str | None = None  # JSON file {"train": [...], "val": [...], "test": [...]} of class names
+    split: str | None = None  # which split's classes to use (None: every class)
+    in_domain: bool = False  # counted in the in-domain average rather than out-of-domain
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Image loading and transforms; pixels are float tensors in [0, 1]."""
+
+    image_size: int = 128  # network input side, pixels
+    resize_ratio: float = 256 / 224  # test: resize shorter side to image_size*ratio, then centre-crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # train: RandomResizedCrop area range
+    color_jitter: float = 0.4  # train: brightness/contrast/saturation jitter strength (PMF: 0.4)
+    hflip: bool = True  # train: random horizontal flip (off for glyphs: flips change characters)
+    skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # image files recognised in folders
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Episode shape: fixed N-way K-shot M-query, or Meta-Dataset's variable-way variable-shot."""
+
+    n_way: int = 5  # classes per episode (fixed mode)
+    n_shot: int = 1  # support images per class (fixed mode)
+    n_query: int = 15  # query images per class (fixed mode; reduced where a class is too small)
+    variable: bool = False  # Meta-Dataset variable-way variable-shot sampling
+    min_ways: int = 5  # variable mode: fewest classes
+    max_ways: int = 50  # variable mode: most classes
+    max_support: int = 500  # variable mode: most support images per episode
+    max_support_per_class: int = 100  # variable mode: most support images per class
+    max_query_per_class: int = 10  # variable mode: most query images per class
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A timm ViT and the local checkpoint it is loaded from (never a hub download)."""
+
+    arch: str = "vit_small_patch16_224"  # timm model name, or a project architecture ("amt_glyph_vit")
+    checkpoint: str | None = None  # local weights file (.pth/.pt/.safetensors); None = random init
+    checkpoint_key: str = "auto"  # sub-dict to load: "auto", "teacher", "student", "model", "state_dict", "none"
+    image_size: int = 128  # input side, pixels; position embeddings are resized to it
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation applied inside the model
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters on the ViT's linear layers."""
+
+    rank: int = 8  # r
+    scaling: float = 1.0  # multiplier of B·A
+    targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes that get adapters
+    init: str = "svd"  # "svd" (PiSSA-style, METHOD.md) | "standard" (random A, zero B)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Cosine ProtoNet head: logits = scale * (cos + bias)."""
+
+    scale: float = 10.0  # initial logit scale s
+    bias: float = 0.0  # cosine offset b
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Few-shot evaluation protocol."""
+
+    n_tasks: int = 600  # tasks per domain and shot setting
+    n_way: int = 5  # classes per task
+    shots: tuple[int, ...] = (1, 5)  # K values evaluated
+    n_query: int = 15  # queries per class (fewer where a class is small; reported)
+    seed: int = 0  # seeds the task generator; every method sees the same tasks
+    batch_size: int = 256  # images per backbone forward when extracting features
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised pre-training of the embedded backbone (`amt pretrain`)."""
+
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 128  # images per step
+    lr: float = 2e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up steps, then cosine decay to 0
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    seed: int = 0  # initialisation and batch order
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole run: which data, which backbone, which protocol."""
+
+    benchmark: str = "glyphs"  # "glyphs" (embedded, generated locally) or "custom" (use `domains`)
+    cache_dir: str = ".cache/amt"  # where the generated benchmark is written
+    glyphs: GlyphConfig = field(default_factory=GlyphConfig)
+    domains: tuple[DomainConfig, ...] = ()  # evaluation domains (filled in for the glyph benchmark)
+    train_domain: DomainConfig | None = None  # source domain for (meta-)training
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the fix."""
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses and tuples."""
+    if dataclasses.is_dataclass(cls):
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{where or 'config'}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {names}"
+            )
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+        return cls(**kwargs)
+    origin = typing.get_origin(cls)
+    args = typing.get_args(cls)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if data is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], data, where)
+    if origin is tuple:
+        if not isinstance(data, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {data!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
+        if len(args) != len(data):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(data)!r}")
+        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+    if cls is float and isinstance(data, (int, float)) and not isinstance(data, bool):
+        return float(data)
+    if cls in (int, str, bool) and not isinstance(data, cls):
+        raise ConfigError(f"{where}: expected {cls.__name__}, got {data!r}")
+    if cls is int and isinstance(data, bool):
+        raise ConfigError(f"{where}: expected int, got {data!r}")
+    return data
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build config dataclass ``cls`` from a (possibly partial) nested mapping."""
+    return _build(cls, data, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read a YAML preset into an :class:`ExperimentConfig`, then apply nested ``overrides``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/embedded.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = merge_dicts(data, overrides)
+    return from_dict(ExperimentConfig, data)
+
+
+def merge_dicts(base: dict, new: dict) -> dict:
+    """Recursively merge ``new`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``"eval.n_tasks=50"`` into ``{"eval": {"n_tasks": 50}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. eval.n_tasks=50)")
+    key, value = text.split("=", 1)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
