@@ -1,0 +1,66 @@
+"""`amt <verb>`: flags → config → one library call each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from amt.config import ConfigError, load_config, merge_dicts, parse_override
+
+
+def _config(args: argparse.Namespace):
+    overrides: dict = {}
+    for text in args.set or []:
+        overrides = merge_dicts(overrides, parse_override(text))
+    return load_config(args.config, overrides)
+
+
+def _add_common(p: argparse.ArgumentParser, out_default: str | None) -> None:
+    p.add_argument("--config", default="configs/embedded.yaml", help="YAML preset (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set eval.n_tasks=50 (repeatable)")
+    if out_default is not None:
+        p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="amt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("demo", help="run the main job on the embedded glyph benchmark and print the table")
+    _add_common(p, "runs/demo")
+    p = sub.add_parser("evaluate", help="clean few-shot accuracy of the pre-trained backbone (PM) per domain")
+    _add_common(p, "runs/evaluate")
+    p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
+    _add_common(p, None)
+    p.add_argument("--out", required=True, help="output weights file (.safetensors; a .json is written beside)")
+    p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
+    _add_common(p, None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from amt import pipeline
+
+    try:
+        cfg = _config(args)
+        if args.verb == "demo":
+            print(pipeline.run_demo(cfg, args.out))
+        elif args.verb == "evaluate":
+            from amt.report import markdown_table
+
+            print(markdown_table(pipeline.run_evaluate(cfg, args.out)))
+        elif args.verb == "pretrain":
+            pipeline.run_pretrain(cfg, args.out)
+        elif args.verb == "glyphs":
+            from amt.data.glyphs import build_glyph_benchmark
+
+            print(build_glyph_benchmark(cfg.glyphs, cfg.cache_dir))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        logging.getLogger("amt").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data layer: image datasets of one domain, episodes, the embedded glyph benchmark."""

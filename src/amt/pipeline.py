@@ -1,0 +1,110 @@
+"""The runs behind the CLI verbs: resolve a config, build data and model, call the library, write a run dir.
+
+A run directory holds the resolved configuration (``config.yaml``) next to its results. Results are
+written atomically at the end of a successful run, so a failed run never replaces earlier results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from amt.backbone import build_backbone, fingerprint, save_backbone
+from amt.config import ConfigError, ExperimentConfig, save_config, to_dict
+from amt.data.datasets import load_domain
+from amt.evaluate import ProtoNetPredictor, evaluate, write_results
+from amt.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def embedded_asset(name: str) -> Path:
+    """Path of a file shipped inside the package (``src/amt/assets``)."""
+    return Path(str(resources.files("amt") / "assets" / name))
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill in what a preset leaves implicit: the generated benchmark's domains, shipped checkpoints."""
+    if cfg.benchmark == "glyphs":
+        from amt.data.glyphs import build_glyph_benchmark, glyph_domains
+
+        root = build_glyph_benchmark(cfg.glyphs, cfg.cache_dir)
+        train, domains = glyph_domains(root)
+        cfg = dataclasses.replace(cfg, train_domain=cfg.train_domain or train, domains=cfg.domains or domains)
+    elif cfg.benchmark != "custom":
+        raise ConfigError(f"benchmark must be 'glyphs' or 'custom', got {cfg.benchmark!r}")
+    if not cfg.domains:
+        raise ConfigError("no evaluation domains: list them under `domains:` (name, path, format, splits, split)")
+    ckpt = cfg.backbone.checkpoint
+    if ckpt and ckpt.startswith(EMBEDDED_PREFIX):
+        path = embedded_asset(ckpt[len(EMBEDDED_PREFIX):] + ".safetensors")
+        if not path.is_file():
+            raise ConfigError(f"embedded checkpoint {ckpt!r} is not shipped (looked for {path}); "
+                              f"recreate it with `amt pretrain` (see src/amt/assets/README.md)")
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, checkpoint=str(path)))
+    return cfg
+
+
+def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
+    """PM evaluation (pre-trained backbone + cosine ProtoNet) on every domain; writes results."""
+    cfg = resolve(cfg)
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.eval.seed)
+    backbone = build_backbone(cfg.backbone).eval()
+    domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
+    methods = {"PM": ProtoNetPredictor(backbone, cfg.head, cfg.eval.batch_size)}
+    results = evaluate(methods, domains, cfg.eval)
+    results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
+                           "fingerprint": fingerprint(backbone)}
+    write_results(results, out_dir)
+    save_config(cfg, out_dir / "config.yaml")
+    return results
+
+
+def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
+    """Pre-train the configured backbone on the training domain; write ``out`` (.safetensors) + ``.json``."""
+    from amt.pretrain import pretrain
+
+    cfg = resolve(cfg)
+    if cfg.train_domain is None:
+        raise ConfigError("pretraining needs `train_domain`")
+    out = Path(out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.pretrain.seed)
+    backbone = build_backbone(dataclasses.replace(cfg.backbone, checkpoint=None))
+    train = load_domain(cfg.train_domain, cfg.data, train=True)
+    metrics = pretrain(backbone, train, cfg.pretrain, backbone.embed_dim)
+    tmp = out.with_suffix(".tmp.safetensors")
+    save_backbone(backbone, tmp)
+    tmp.replace(out)
+    info = {
+        "arch": cfg.backbone.arch, "image_size": cfg.backbone.image_size,
+        "mean": list(cfg.backbone.mean), "std": list(cfg.backbone.std),
+        "fingerprint": fingerprint(backbone), "metrics": metrics,
+        "train_domain": cfg.train_domain.name, "train_classes": len(train.class_names),
+        "pretrain": to_dict(cfg.pretrain), "data": to_dict(cfg.data), "glyphs": to_dict(cfg.glyphs),
+        "command": "amt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "torch": torch.__version__,
+    }
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    log.info("wrote %s (fingerprint %s)", out, info["fingerprint"])
+    return info
+
+
+def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
+    """The main job on the embedded default; returns the printed table."""
+    start = time.perf_counter()
+    results = run_evaluate(cfg, out_dir)
+    table = markdown_table(results)
+    log.info("demo finished in %.0f s; results in %s", time.perf_counter() - start, out_dir)
+    return table
