@@ -55,6 +55,7 @@ class DataConfig:
     color_jitter: float = 0.4  # train: brightness/contrast/saturation jitter strength (PMF: 0.4)
     hflip: bool = True  # train: random horizontal flip (off for glyphs: flips change characters)
     skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
+    cache_decoded: bool = False  # keep decoded images in memory (worth it for small images only)
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # image files recognised in folders
 
 
