@@ -1,0 +1,567 @@
+"""LoRA pool layer: named low-rank adapters on a shared frozen residual, SVD init, exact merging.
+
+One :class:`LoRALinear` replaces one ``nn.Linear`` of the backbone and holds every member of the
+adapter pool (METHOD.md, "Model"): member ``name`` owns ``lora_A[name]`` and ``lora_B[name]`` and the
+layer computes, for the *active* member,
+
+    y = x W_resᵀ + b + scaling · B (A x)          x: [..., in], y: [..., out]
+
+without ever materialising ΔW = scaling · B A. Shapes follow PEFT: ``lora_A`` is ``[splits·rank, in]``,
+``lora_B`` is ``[out, rank]``. ``splits`` is 1 for an ordinary linear and 3 for timm's fused ``attn.qkv``,
+where the q, k and v row blocks each get their own rank-``rank`` pair: output block j (rows
+``j·out/3 : (j+1)·out/3``) uses ``A[j·r:(j+1)·r]`` and ``B[j·out/3:(j+1)·out/3]``, so ΔW is block-structured,
+ΔW_j = scaling · B_j A_j (as in the authors' code).
+
+SVD (PiSSA-style) initialisation, per block: W = U diag(S) Vᵀ (computed in float64),
+B = U[:, :r]·diag(√(S[:r]/scaling)), A = diag(√(S[:r]/scaling))·Vᵀ[:r], W_res = W − scaling·B A.
+With the paper's scaling 1 this is exactly METHOD.md's rule; dividing S by the scaling (as PEFT's PiSSA
+does) keeps W_res + scaling·B A = W for any positive scaling. The residual is shared by every member of
+the pool: the first SVD adapter turns the weight into W_res, every later one gets the same initial A, B.
+
+Test-time merging (Algorithm 2) uses :meth:`LoRALinear.merge` / :func:`merged`: the weight becomes
+W_res + Σ wᵢ ΔWᵢ and is restored bit-for-bit from a saved copy (never by subtraction) on unmerge.
+
+Typical use::
+
+    names = inject_lora(model, names=("member0", "member1"), rank=8)   # member0 active
+    mark_trainable(model, "member1")
+    with active_adapter(model, "member1"):
+        loss = ...                                                     # trains member1 only
+    with merged(model, {"member0": 0.4, "member1": 0.6}):
+        feats = model(images)                                          # W_res + Σ w ΔW
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from amt.config import LORA_TARGETS, LoRAConfig
+
+logger = logging.getLogger(__name__)
+
+INIT_MODES = ("svd", "standard")
+DEFAULT_SPLITS = {"attn.qkv": 3}  # target suffix → number of independently adapted row blocks
+
+__all__ = [
+    "DEFAULT_SPLITS",
+    "INIT_MODES",
+    "LoRALinear",
+    "LoadResult",
+    "active_adapter",
+    "adapter_names",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "add_adapter",
+    "inject_lora",
+    "inject_lora_from_config",
+    "load_adapter_state_dict",
+    "lora_layers",
+    "mark_trainable",
+    "merge_adapters",
+    "merged",
+    "remove_adapter",
+    "set_active_adapter",
+    "unmerge_adapters",
+]
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (the shared residual) plus a pool of named LoRA adapters.
+
+    Attributes:
+        weight: frozen residual W_res, ``[out, in]`` (``requires_grad=False``); while merged it holds
+            W_res + Σ wᵢ ΔWᵢ.
+        bias: frozen bias ``[out]`` or ``None``.
+        lora_A: ``name → [splits·rank, in]`` trainable factors.
+        lora_B: ``name → [out, rank]`` trainable factors.
+        rank, scaling, splits, in_features, out_features: as in the module docstring.
+        active_adapter: the adapter used by :meth:`forward`, or ``None`` for the residual alone.
+        init_mode: ``None`` before the first adapter, then ``"svd"`` (weight is W − principal part; stays
+            so even when every adapter is removed) or ``"standard"`` (weight is the pre-trained W).
+        merged: whether :meth:`merge` is in effect.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float = 1.0, splits: int = 1) -> None:
+        """Wrap ``base`` (its weight and bias are copied and frozen; ``base`` itself is not kept)."""
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        out_features, in_features = base.weight.shape
+        if splits < 1 or out_features % splits:
+            raise ValueError(
+                f"splits={splits} must be a positive divisor of out_features={out_features} "
+                "(3 for a fused qkv projection, 1 otherwise)"
+            )
+        max_rank = min(in_features, out_features // splits)
+        if not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"rank={rank} is invalid for a linear of shape [out={out_features}, in={in_features}] "
+                f"with splits={splits}: need 1 <= rank <= min(in, out/splits) = {max_rank}; lower LoRAConfig.rank"
+            )
+        if scaling == 0:
+            raise ValueError("scaling=0 would switch every adapter off; use a non-zero LoRA scaling")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scaling = float(scaling)
+        self.splits = splits
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        # SVD-init factors of the pool (identical for every member); derived from W at injection time.
+        self.register_buffer("svd_A", None, persistent=False)
+        self.register_buffer("svd_B", None, persistent=False)
+        self.active_adapter: str | None = None
+        self.init_mode: str | None = None
+        self._saved_weight: Tensor | None = None
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters in insertion order."""
+        return list(self.lora_A.keys())
+
+    @property
+    def merged(self) -> bool:
+        """True while :meth:`merge` is in effect (until :meth:`unmerge`)."""
+        return self._saved_weight is not None
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"no LoRA adapter named {name!r} in this layer; adapters are {self.adapter_names}")
+
+    def _check_not_merged(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {what} while adapters are merged into the weight; call unmerge() first")
+
+    def add_adapter(self, name: str, init: str = "svd", generator: torch.Generator | None = None) -> None:
+        """Add adapter ``name`` initialised by ``init``.
+
+        ``"svd"``: A, B are the principal factors of W (per q/k/v block); the first SVD adapter turns the
+        weight into W_res, later ones get identical A, B and leave W_res untouched.
+        ``"standard"``: A ~ kaiming-uniform(a=√5) (bound 1/√in, as PEFT), drawn from ``generator`` (the
+        global RNG when ``None``) on the generator's device, B = 0; the weight stays W.
+        A pool uses one mode: mixing raises, because the two modes need different residuals.
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if init not in INIT_MODES:
+            raise ValueError(f"unknown LoRA init {init!r}; choose one of {INIT_MODES}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists; adapters are {self.adapter_names}")
+        self._check_not_merged("add an adapter")
+        if self.init_mode is not None and self.init_mode != init:
+            raise ValueError(
+                f"cannot add a {init!r}-initialised adapter {name!r} to a pool initialised with "
+                f"{self.init_mode!r} (the residual weight differs between the modes); a pool uses one init mode"
+            )
+        if init == "svd":
+            if self.svd_A is None:
+                self._svd_residual()
+            lora_A, lora_B = self.svd_A.clone(), self.svd_B.clone()
+        else:
+            lora_A = self._kaiming_A(generator)
+            lora_B = torch.zeros(self.out_features, self.rank, dtype=self.weight.dtype, device=self.weight.device)
+        self.init_mode = init
+        self.lora_A[name] = nn.Parameter(lora_A)
+        self.lora_B[name] = nn.Parameter(lora_B)
+
+    @torch.no_grad()
+    def _svd_residual(self) -> None:
+        """PiSSA init per row block (float64 SVD); sets ``svd_A``/``svd_B`` and weight ← W − scaling·B A."""
+        if self.scaling <= 0:
+            raise ValueError(f"SVD init needs a positive scaling (it takes √(S/scaling)), got {self.scaling}")
+        r, block = self.rank, self.out_features // self.splits
+        w = self.weight.detach().to(torch.float64)
+        residual = torch.empty_like(w)
+        factors_A, factors_B = [], []
+        for j in range(self.splits):
+            w_j = w[j * block : (j + 1) * block]
+            u, s, vh = torch.linalg.svd(w_j, full_matrices=False)
+            root = torch.sqrt(s[:r] / self.scaling)
+            factors_B.append(u[:, :r] * root)  # [block, r]
+            factors_A.append(root[:, None] * vh[:r])  # [r, in]
+            residual[j * block : (j + 1) * block] = w_j - (u[:, :r] * s[:r]) @ vh[:r]
+        dtype = self.weight.dtype
+        self.svd_A = torch.cat(factors_A).to(dtype)
+        self.svd_B = torch.cat(factors_B).to(dtype)
+        self.weight.copy_(residual.to(dtype))
+
+    def _kaiming_A(self, generator: torch.Generator | None) -> Tensor:
+        """Random ``[splits·rank, in]`` A, kaiming-uniform with a=√5 (bound 1/√in), in float32 then cast."""
+        device = generator.device if generator is not None else self.weight.device
+        a = torch.empty(self.splits * self.rank, self.in_features, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        return a.to(device=self.weight.device, dtype=self.weight.dtype)
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` (deactivating it if active). An SVD residual stays W_res."""
+        self._check_name(name)
+        self._check_not_merged("remove an adapter")
+        del self.lora_A[name]
+        del self.lora_B[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+        if not self.lora_A and self.init_mode == "standard":
+            self.init_mode = None  # the weight is the untouched W again
+
+    def set_active_adapter(self, name: str | None) -> None:
+        """Select the adapter used by :meth:`forward` (``None``: residual only)."""
+        if name is not None:
+            self._check_name(name)
+        self.active_adapter = name
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """``[lora_A[name], lora_B[name]]``."""
+        self._check_name(name)
+        return [self.lora_A[name], self.lora_B[name]]
+
+    # ------------------------------------------------------------------ compute
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW = scaling · blockwise B A, ``[out, in]``; differentiable w.r.t. A and B."""
+        self._check_name(name)
+        r, block, s = self.rank, self.out_features // self.splits, self.splits
+        lora_A = self.lora_A[name].view(s, r, self.in_features)
+        lora_B = self.lora_B[name].view(s, block, r)
+        return torch.bmm(lora_B, lora_A).reshape(self.out_features, self.in_features) * self.scaling
+
+    def lora_output(self, x: Tensor, name: str) -> Tensor:
+        """scaling · ΔW x computed as B (A x) block by block, ``[..., in] → [..., out]``."""
+        self._check_name(name)
+        h = F.linear(x, self.lora_A[name])  # [..., splits·r]
+        lora_B = self.lora_B[name]
+        if self.splits == 1:
+            return F.linear(h, lora_B) * self.scaling
+        s, r = self.splits, self.rank
+        h = h.view(*h.shape[:-1], s, r)
+        out = torch.einsum("...sr,sor->...so", h, lora_B.view(s, self.out_features // s, r))
+        return out.reshape(*out.shape[:-2], self.out_features) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., in] → [..., out]``: x W_resᵀ + b (+ the active adapter's term unless merged)."""
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged or self.active_adapter is None:
+            return out
+        return out + self.lora_output(x, self.active_adapter)
+
+    # ------------------------------------------------------------------ merging
+    @torch.no_grad()
+    def merge(self, weights: Mapping[str, float | Tensor]) -> None:
+        """weight ← W_res + Σ wᵢ ΔWᵢ (accumulated in at least float32); an exact copy of W_res is kept.
+
+        While merged, :meth:`forward` uses the merged weight and ignores ``active_adapter``; the weight may
+        be edited further in place (e.g. singular-value trimming) — :meth:`unmerge` restores W_res anyway.
+        An empty mapping merges nothing (forward = residual only).
+        """
+        if self.merged:
+            raise RuntimeError("adapters are already merged into this layer; call unmerge() before merging again")
+        for name in weights:
+            self._check_name(name)
+        saved = self.weight.detach().clone()
+        acc_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        acc = saved.to(acc_dtype)
+        for name, w in weights.items():
+            w = w.detach().to(device=acc.device, dtype=acc_dtype) if isinstance(w, Tensor) else float(w)
+            acc = acc + w * self.delta_weight(name).to(acc_dtype)
+        self.weight.copy_(acc)
+        self._saved_weight = saved
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W_res bit-for-bit from the copy saved by :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError("unmerge() called on a layer that is not merged")
+        self.weight.copy_(self._saved_weight)
+        self._saved_weight = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"scaling={self.scaling}, splits={self.splits}, init={self.init_mode}, "
+            f"adapters={self.adapter_names}, active={self.active_adapter!r}, merged={self.merged}"
+        )
+
+
+# ====================================================================== model level
+def _matches(name: str, target: str) -> bool:
+    """Exact dotted-suffix match: ``blocks.0.attn.proj`` matches ``attn.proj``; ``patch_embed.proj`` does not."""
+    return name == target or name.endswith("." + target)
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Sequence[str] = LORA_TARGETS,
+    names: Sequence[str] = ("member0",),
+    rank: int = 8,
+    scaling: float = 1.0,
+    init: str = "svd",
+    generator: torch.Generator | None = None,
+    splits_for: Mapping[str, int] | None = None,
+) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` whose qualified name ends with a target by a :class:`LoRALinear`.
+
+    Matching is on the full dotted suffix (``"attn.proj"`` hits ``blocks.3.attn.proj`` but not
+    ``patch_embed.proj``); a matching module that is not an ``nn.Linear`` is skipped with a warning.
+    ``splits_for`` maps a target to its number of row blocks (default :data:`DEFAULT_SPLITS`: ``attn.qkv`` → 3).
+    Every name in ``names`` becomes an adapter (for ``"standard"`` init, A is drawn member by member, layer by
+    layer, from ``generator``), and ``names[0]`` is made active so that an SVD-initialised model computes the
+    same function as before. Load pre-trained backbone weights *before* injecting (the weight becomes W_res).
+
+    Returns the qualified names of the replaced modules, in ``named_modules`` order.
+    """
+    if not names:
+        raise ValueError("inject_lora needs at least one adapter name (e.g. names=('member0',))")
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {list(names)}")
+    if init not in INIT_MODES:
+        raise ValueError(f"unknown LoRA init {init!r}; choose one of {INIT_MODES}")
+    splits_for = dict(DEFAULT_SPLITS if splits_for is None else splits_for)
+    found: list[tuple[str, nn.Linear, int]] = []
+    for qualname, module in model.named_modules():
+        hit = [t for t in targets if _matches(qualname, t)]
+        if not hit:
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(
+                f"{qualname} already carries LoRA adapters; add pool members with add_adapter(model, name) instead"
+            )
+        if not isinstance(module, nn.Linear):
+            logger.warning("LoRA target %s matches %s but is a %s, not nn.Linear: skipped", hit, qualname,
+                           type(module).__name__)
+            continue
+        splits = max(splits_for.get(t, 1) for t in hit)
+        out_features, in_features = module.weight.shape
+        if out_features % splits or rank > min(in_features, out_features // splits):
+            raise ValueError(
+                f"rank={rank} is too large for {qualname} (Linear out={out_features}, in={in_features}, "
+                f"splits={splits}): need rank <= min(in, out/splits) = {min(in_features, out_features // splits)}"
+            )
+        found.append((qualname, module, splits))
+    if not found:
+        some = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(
+            f"no nn.Linear in {type(model).__name__} has a name ending with one of the LoRA targets {list(targets)}; "
+            f"module names look like {some}"
+        )
+    layers = []
+    for qualname, module, splits in found:
+        layer = LoRALinear(module, rank=rank, scaling=scaling, splits=splits)
+        parent_name, _, child = qualname.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers.append(layer)
+    for name in names:
+        for layer in layers:
+            layer.add_adapter(name, init=init, generator=generator)
+    for layer in layers:
+        layer.set_active_adapter(names[0])
+    replaced = [q for q, _, _ in found]
+    logger.info("LoRA (%s init, rank %d, scaling %g) on %d layers, adapters %s", init, rank, scaling,
+                len(replaced), list(names))
+    return replaced
+
+
+def inject_lora_from_config(
+    model: nn.Module,
+    config: LoRAConfig,
+    names: Sequence[str] = ("member0",),
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """:func:`inject_lora` with rank, scaling, targets and init taken from a :class:`LoRAConfig`."""
+    return inject_lora(model, targets=config.targets, names=names, rank=config.rank, scaling=config.scaling,
+                       init=config.init, generator=generator)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Qualified name → :class:`LoRALinear`, in ``named_modules`` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers; call inject_lora(model, ...) first")
+    return layers
+
+
+def _check_adapter(layers: Mapping[str, LoRALinear], name: str) -> None:
+    missing = [q for q, layer in layers.items() if name not in layer.lora_A]
+    if missing:
+        known = next(iter(layers.values())).adapter_names
+        raise KeyError(f"adapter {name!r} is missing from {len(missing)} LoRA layer(s) (e.g. {missing[:3]}); "
+                       f"adapters are {known}")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Adapter names of the first LoRA layer (every layer holds the same pool)."""
+    return next(iter(_layers_or_raise(model).values())).adapter_names
+
+
+def add_adapter(model: nn.Module, name: str, init: str = "svd", generator: torch.Generator | None = None) -> None:
+    """Add adapter ``name`` to every LoRA layer (see :meth:`LoRALinear.add_adapter`)."""
+    for layer in _layers_or_raise(model).values():
+        layer.add_adapter(name, init=init, generator=generator)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` from every LoRA layer."""
+    layers = _layers_or_raise(model)
+    _check_adapter(layers, name)
+    for layer in layers.values():
+        layer.remove_adapter(name)
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter of every LoRA layer (``None``: residual weights only)."""
+    layers = _layers_or_raise(model)
+    if name is not None:
+        _check_adapter(layers, name)
+    for layer in layers.values():
+        layer.set_active_adapter(name)
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Temporarily activate ``name`` in every LoRA layer; each layer's previous choice is restored in ``finally``."""
+    layers = _layers_or_raise(model)
+    previous = {q: layer.active_adapter for q, layer in layers.items()}
+    try:
+        set_active_adapter(model, name)
+        yield model
+    finally:
+        for q, layer in layers.items():
+            layer.active_adapter = previous[q]
+
+
+def merge_adapters(model: nn.Module, weights: Mapping[str, float | Tensor]) -> None:
+    """weight ← W_res + Σ wᵢ ΔWᵢ in every LoRA layer (Algorithm 2: W' = W_res + Σ ζᵢ BᵢAᵢ).
+
+    All names are checked before anything changes; if a layer fails, layers already merged are restored.
+    """
+    layers = _layers_or_raise(model)
+    for name in weights:
+        _check_adapter(layers, name)
+    already = [q for q, layer in layers.items() if layer.merged]
+    if already:
+        raise RuntimeError(f"LoRA layers {already[:3]} are already merged; call unmerge_adapters(model) first")
+    done: list[LoRALinear] = []
+    try:
+        for layer in layers.values():
+            layer.merge(weights)
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore W_res bit-for-bit in every merged LoRA layer; raises if none is merged."""
+    merged_layers = [layer for layer in _layers_or_raise(model).values() if layer.merged]
+    if not merged_layers:
+        raise RuntimeError("unmerge_adapters: no LoRA layer is merged")
+    for layer in merged_layers:
+        layer.unmerge()
+
+
+@contextmanager
+def merged(model: nn.Module, weights: Mapping[str, float | Tensor]) -> Iterator[nn.Module]:
+    """Context manager: :func:`merge_adapters` on entry, exact restoration of W_res in ``finally``."""
+    merge_adapters(model, weights)
+    try:
+        yield model
+    finally:
+        for layer in lora_layers(model).values():
+            if layer.merged:
+                layer.unmerge()
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Every ``lora_A[name]``, ``lora_B[name]`` of the model, layer by layer."""
+    layers = _layers_or_raise(model)
+    _check_adapter(layers, name)
+    return [p for layer in layers.values() for p in layer.adapter_parameters(name)]
+
+
+def mark_trainable(model: nn.Module, names: str | Iterable[str]) -> list[nn.Parameter]:
+    """Set ``requires_grad`` True on the A/B of the adapters ``names`` and False on every other model parameter.
+
+    Returns the trainable parameters (e.g. for the optimiser). ``names=()`` freezes the whole model.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    layers = _layers_or_raise(model)
+    for name in names:
+        _check_adapter(layers, name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for name in names for p in adapter_parameters(model, name)]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Detached copies of one member's factors, keys ``"<layer>.lora_A"`` ``[splits·rank, in]`` and
+    ``"<layer>.lora_B"`` ``[out, rank]`` (no adapter name in the key: loadable into any member)."""
+    layers = _layers_or_raise(model)
+    _check_adapter(layers, name)
+    state: dict[str, Tensor] = {}
+    for q, layer in layers.items():
+        state[f"{q}.lora_A"] = layer.lora_A[name].detach().clone()
+        state[f"{q}.lora_B"] = layer.lora_B[name].detach().clone()
+    return state
+
+
+class LoadResult(NamedTuple):
+    """Keys that :func:`load_adapter_state_dict` did not find (missing) or did not use (unexpected)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+@torch.no_grad()
+def load_adapter_state_dict(
+    model: nn.Module, name: str, state: Mapping[str, Tensor], strict: bool = True
+) -> LoadResult:
+    """Copy factors saved by :func:`adapter_state_dict` into adapter ``name`` (which must exist).
+
+    Shape mismatches always raise; with ``strict`` missing or unexpected keys raise too, nothing is copied
+    before every check passes. Values are cast to the layer's device and dtype.
+    """
+    layers = _layers_or_raise(model)
+    _check_adapter(layers, name)
+    targets = {}
+    for q, layer in layers.items():
+        targets[f"{q}.lora_A"] = layer.lora_A[name]
+        targets[f"{q}.lora_B"] = layer.lora_B[name]
+    missing = [k for k in targets if k not in state]
+    unexpected = [k for k in state if k not in targets]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
+        for k, v in state.items()
+        if k in targets and tuple(v.shape) != tuple(targets[k].shape)
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch for {mismatched}")
+    if strict and missing:
+        problems.append(f"missing keys {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        raise ValueError(
+            f"cannot load adapter {name!r}: " + "; ".join(problems)
+            + " (was it saved from a model with the same targets, rank and splits?)"
+        )
+    for k, v in state.items():
+        if k in targets:
+            targets[k].copy_(v)
+    return LoadResult(missing, unexpected)
