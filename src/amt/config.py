@@ -30,7 +30,9 @@ class GlyphConfig:
     min_fonts: int = 6  # a character is a class only if this many font files draw it with ink
     val_fraction: float = 0.15  # fraction of each domain's classes in the validation split
     test_fraction: float = 0.15  # fraction of the training domain's classes held out as in-domain test
-    max_classes_per_domain: int = 400  # cap on classes kept per domain (keeps generation fast)
+    max_classes_per_domain: int = 150  # cap on classes kept per out-of-domain domain (keeps generation fast)
+    max_source_classes: int = 1000  # cap on classes of the source (Latin) domain, before its train/val/test split
+    min_ink_pixels: int = 12  # a (font, character) counts only with this many dark pixels at 64 px per em
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,28 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """One pixel-space attack on the query images (``amt.attacks``); defaults = the paper's evaluation.
+
+    Paper evaluation: PGD-10, ℓ∞, ε = 4.5/255, step ε/10, CE objective. Meta-tuning members use
+    their own ε_i, step ε_i/2, 2 steps and the KL objective (METHOD.md, Algorithm 1).
+    ``step_size`` is absolute: change it together with ``eps``.
+    """
+
+    norm: str = "linf"  # "linf" | "l2" threat model (pyramid: "linf" only)
+    eps: float = 4.5 / 255  # radius of the ε-ball, pixel units (images in [0, 1]); pyramid: per-level radius
+    step_size: float = 0.45 / 255  # step per iteration, pixel units (ℓ∞: ·sign(g); ℓ2: ·g/‖g‖₂ per image)
+    steps: int = 10  # PGD iterations (0 = the random start only, or the clean input without it)
+    random_start: bool = True  # ℓ∞: δ ~ U[-eps, eps]; ℓ2: δ uniform in the ε-ball
+    objective: str = "ce"  # "ce" (labels; evaluation) | "kl" (KL(p_clean ‖ p_adv), label-free; training)
+    pyramid: bool = False  # the authors' multi-scale perturbation instead of per-pixel PGD
+    pyramid_grids: tuple[int, ...] = (4, 8, 0)  # pyramid: cells per image side for each level; 0 = per pixel
+    pyramid_multipliers: tuple[float, ...] = (20.0, 10.0, 1.0)  # pyramid: multiplier m_s of each level
+    # pyramid: ℓ∞ clip of the summed perturbation, pixel units; None = the authors' bound sum(m_s)·eps (31·eps)
+    pyramid_total_eps: float | None = None
+
+
+@dataclass(frozen=True)
 class HeadConfig:
     """Cosine ProtoNet head: logits = scale * (cos + bias)."""
 
@@ -127,6 +151,15 @@ class PretrainConfig:
     warmup_steps: int = 100  # linear warm-up steps, then cosine decay to 0
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     seed: int = 0  # initialisation and batch order
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """APSV: adversarial perturbation of the trained member's LoRA factors A, B (METHOD.md step 3)."""
+
+    enabled: bool = True  # APSV on/off (ablation switch)
+    eta: float = 1e-4  # η1: relative mode, fraction of ‖T‖_F each factor moves by; absolute, step on ∂L/∂T
+    mode: str = "relative"  # "relative": T += η1·‖T‖·g/‖g‖ per tensor (AWP, authors' code) | "absolute": T += η1·g
 
 
 @dataclass(frozen=True)
