@@ -1,0 +1,638 @@
+"""The embedded glyph benchmark: an Omniglot-like multi-domain few-shot benchmark, no download.
+
+Characters are rendered from the font files shipped inside matplotlib. A *domain* is a Unicode
+script or symbol block, a *class* is one character (code point), and the samples of a class are
+renderings of that character in different typefaces with a random affine warp, a mild elastic
+distortion and stroke-width jitter.
+
+Fonts (measured on matplotlib's bundled ``fonts/ttf``):
+
+* used: DejaVu Sans, DejaVu Sans Mono, DejaVu Serif and STIX General, four styles each (16 files);
+* ``LastResortHE``: maps every code point to a placeholder glyph — excluded;
+* ``cm*`` (Computer Modern): TeX encoding behind the Unicode table, glyphs do not depict the
+  character their code point names — excluded;
+* ``STIXSiz*`` and ``DejaVu*Display``: 17–110 code points each, all delimiters, big operators and
+  combining accents drawn as taller size variants of the same design (no new typeface) — excluded;
+* ``STIXNonUni*``: private-use glyphs only (2 non-PUA code points) — excluded.
+
+A (font, character) pair counts only if the rendering has ink (``GlyphConfig.min_ink_pixels`` dark
+pixels at 64 px per em) and differs from the font's ``.notdef`` rendering; a character is a class
+only if ``GlyphConfig.min_fonts`` fonts pass. Characters that are canonical duplicates (changed by
+NFC) or that render pixel-identically to an already kept character of the same domain in some font
+(e.g. Greek tonos/oxia pairs, Latin small capitals) are dropped.
+
+Layout on disk (``<root>`` is returned by :func:`build_glyph_benchmark`)::
+
+    <root>/manifest.json                      fonts, counts, seed, version, configuration
+    <root>/<domain>/splits.json               {"train": [...], "val": [...], "test": [...]}
+    <root>/<domain>/classes.json              class name -> character, Unicode name, fonts
+    <root>/<domain>/U+0041/00.png             L-mode PNG, black glyph on white, image_size²
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+import unicodedata
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fontTools.ttLib import TTFont
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from amt.config import ConfigError, DomainConfig, GlyphConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+GLYPH_VERSION = "1"  # bump whenever a change alters the written images, splits or class sets
+
+FONT_FILES = tuple(
+    f"{family}{style}.ttf"
+    for family, styles in (
+        ("DejaVuSans", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("DejaVuSansMono", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("DejaVuSerif", ("", "-Bold", "-Italic", "-BoldItalic")),
+        ("STIXGeneral", ("", "Bol", "Italic", "BolIta")),
+    )
+    for style in styles
+)
+
+SOURCE_DOMAIN = "latin"  # the training domain; its held-out classes are the in-domain test
+# Domain rules, checked in order: inclusive code-point ranges, then Unicode-name prefixes.
+DOMAIN_RULES: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[str, ...]], ...] = (
+    ("latin", (), ("LATIN ",)),
+    ("greek", (), ("GREEK ",)),
+    ("cyrillic", (), ("CYRILLIC ",)),
+    ("armenian_georgian", (), ("ARMENIAN ", "GEORGIAN ")),
+    ("braille", ((0x2800, 0x28FF),), ()),
+    # Mathematical Operators, Misc Technical, Misc Math Symbols-A/-B, Supplemental Math Operators.
+    ("math", ((0x2200, 0x22FF), (0x2300, 0x23FF), (0x27C0, 0x27EF), (0x2980, 0x29FF), (0x2A00, 0x2AFF)), ()),
+    # Arrows, Geometric Shapes, Supplemental Arrows-A/-B, Misc Symbols and Arrows. Box drawing and
+    # block elements are left out: their identity is their extent in the text cell, which framing removes.
+    ("arrows_shapes", ((0x2190, 0x21FF), (0x25A0, 0x25FF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF)), ()),
+    ("dingbats", ((0x2600, 0x26FF), (0x2700, 0x27BF)), ()),  # Misc Symbols, Dingbats
+)
+DOMAIN_NAMES = tuple(rule[0] for rule in DOMAIN_RULES)
+
+# Rendering constants (changing any of them changes the images: bump GLYPH_VERSION).
+SCAN_EM_PX = 64  # pixels per em of the reference rendering used for the ink and duplicate checks
+SUPERSAMPLE = 2  # images are rendered at this multiple of image_size, then box-filtered down
+EM_FRACTION = (0.60, 0.75)  # em height as a fraction of the image side (random per sample)
+BASELINE_CENTRE_EM = 0.30  # the frame centre sits this many ems above the baseline (before jitter)
+ROTATION_DEG = 15.0  # rotation uniform in ±this, degrees
+SHEAR = 0.15  # horizontal shear factor uniform in ±this
+ASPECT_LOG = 0.10  # log(width/height) scale ratio uniform in ±this
+TRANSLATION_STD = 0.06  # translation std, fraction of the half-side (then clipped to stay in frame)
+ELASTIC_STD = 0.03  # elastic displacement std at the 4×4 control points, fraction of the half-side
+ELASTIC_MAX = 0.06  # elastic displacement clipped to ±this, fraction of the half-side
+ELASTIC_GRID = 4  # control points per side of the elastic displacement field
+MARGIN_PX = 2.0  # empty border around the ink, output pixels (covers dilation, filtering); plus ELASTIC_MAX
+STROKE_JITTER = (-0.5, 1.0)  # stroke jitter t: t>0 blends toward a 1-pixel dilation, t<0 toward an erosion
+CLASSES_PER_BATCH = 16  # classes rendered per tensor batch (speed only; batches are fixed, so bytes are too)
+WRITER_THREADS = 4  # threads writing PNG files
+NOTDEF_PROBE = 0x10FFFD  # a code point no used font maps: renders the .notdef glyph
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """One character rendered by one font at a known size, cropped to its ink.
+
+    Attributes:
+        ink: uint8 [h, w] coverage, 0 = paper, 255 = full ink.
+        left: x of the crop's left edge relative to the pen origin, pixels.
+        top: y of the crop's top edge relative to the baseline (y grows downward), pixels.
+        em_px: pixels per em of this rendering.
+        advance: horizontal advance, pixels (the centre of the advance box is the glyph's
+            horizontal reference, so position within the text cell survives: braille ⠁ vs ⠈).
+    """
+
+    ink: np.ndarray
+    left: int
+    top: int
+    em_px: int
+    advance: float
+
+    def key(self) -> tuple:
+        """Hashable identity of the rendering (pixels and placement), for duplicate detection."""
+        return (self.left, self.top, self.ink.shape, hashlib.sha1(self.ink.tobytes()).digest())
+
+
+def font_dir() -> Path:
+    """Folder of the TrueType fonts bundled with matplotlib."""
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+def font_paths() -> list[Path]:
+    """Paths of the fonts used (see the module docstring); fails if matplotlib lacks one."""
+    paths = [font_dir() / name for name in FONT_FILES]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"matplotlib {matplotlib.__version__} lacks bundled font(s) {missing} in {font_dir()}; "
+            f"the glyph benchmark needs them (reinstall matplotlib>=3.7)"
+        )
+    return paths
+
+
+def domain_of(code_point: int) -> str | None:
+    """The benchmark domain of a code point, or None if it belongs to none."""
+    char = chr(code_point)
+    name = unicodedata.name(char, "")
+    for domain, ranges, prefixes in DOMAIN_RULES:
+        if any(lo <= code_point <= hi for lo, hi in ranges) or (name and name.startswith(prefixes)):
+            return domain
+    return None
+
+
+def _is_candidate(code_point: int) -> bool:
+    """A visible, NFC-stable character (no controls, spaces, combining marks or canonical duplicates)."""
+    char = chr(code_point)
+    category = unicodedata.category(char)
+    if category[0] in "CZ" or category in ("Mn", "Me"):
+        return False
+    return unicodedata.normalize("NFC", char) == char
+
+
+def render_glyph(font: ImageFont.FreeTypeFont, char: str) -> Glyph | None:
+    """Render ``char`` with ``font`` (FreeType, anti-aliased) cropped to its ink; None if blank."""
+    left, top, right, bottom = font.getbbox(char, anchor="ls")
+    if right <= left or bottom <= top:
+        return None
+    image = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(image).text((-left, -top), char, font=font, fill=255, anchor="ls")
+    ink = np.asarray(image)
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        return None
+    crop = np.ascontiguousarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return Glyph(crop, int(left + cols[0]), int(top + rows[0]), int(font.size), float(font.getlength(char)))
+
+
+def _load_fonts(paths: list[Path], em_px: int) -> list[ImageFont.FreeTypeFont]:
+    """FreeType fonts at ``em_px`` pixels per em, basic layout (no shaping, deterministic)."""
+    return [ImageFont.truetype(str(p), em_px, layout_engine=ImageFont.Layout.BASIC) for p in paths]
+
+
+@dataclass(frozen=True)
+class GlyphClass:
+    """A character kept as a class: its code point and the fonts (indices) that draw it."""
+
+    code_point: int
+    fonts: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """Filesystem-safe class folder name, e.g. ``U+0041``."""
+        return f"U+{self.code_point:04X}"
+
+
+def scan_classes(cfg: GlyphConfig, paths: list[Path]) -> tuple[dict[str, list[GlyphClass]], dict]:
+    """Find every character with ink in ``cfg.min_fonts`` fonts, per domain, duplicates removed.
+
+    Returns:
+        (classes per domain in code-point order, reference renderings ``{(code point, font): Glyph}``
+        at :data:`SCAN_EM_PX` px per em for the kept classes).
+    """
+    cmaps = [set(TTFont(p, lazy=True).getBestCmap()) for p in paths]
+    fonts = _load_fonts(paths, SCAN_EM_PX)
+    notdef = [render_glyph(f, chr(NOTDEF_PROBE)) for f in fonts]
+    coverage: dict[int, list[int]] = {}
+    for i, cmap in enumerate(cmaps):
+        for cp in cmap:
+            coverage.setdefault(cp, []).append(i)
+    classes: dict[str, list[GlyphClass]] = {d: [] for d in DOMAIN_NAMES}
+    renders: dict[tuple[int, int], Glyph] = {}
+    seen: dict[str, dict[tuple, int]] = {d: {} for d in DOMAIN_NAMES}
+    n_rendered = n_blank = n_duplicate = 0
+    for cp in sorted(coverage):
+        if len(coverage[cp]) < cfg.min_fonts or not _is_candidate(cp):
+            continue
+        domain = domain_of(cp)
+        if domain is None:
+            continue
+        good: dict[int, Glyph] = {}
+        for i in coverage[cp]:
+            glyph = render_glyph(fonts[i], chr(cp))
+            n_rendered += 1
+            if glyph is None or int((glyph.ink > 127).sum()) < cfg.min_ink_pixels:
+                continue
+            ref = notdef[i]
+            if ref is not None and ref.key() == glyph.key():
+                continue
+            good[i] = glyph
+        if len(good) < cfg.min_fonts:
+            n_blank += 1
+            continue
+        keys = [(i, g.key()) for i, g in good.items()]
+        if any(k in seen[domain] for k in keys):
+            n_duplicate += 1
+            continue
+        seen[domain].update((k, cp) for k in keys)
+        classes[domain].append(GlyphClass(cp, tuple(sorted(good))))
+        renders.update(((cp, i), g) for i, g in good.items())
+    log.info(
+        "scanned %d (font, character) renderings: %d characters lack ink in %d fonts, %d duplicates dropped; "
+        "candidates per domain: %s",
+        n_rendered, n_blank, cfg.min_fonts, n_duplicate, {d: len(c) for d, c in classes.items()},
+    )  # fmt: skip
+    return classes, renders
+
+
+def split_classes(
+    classes: list[GlyphClass], cfg: GlyphConfig, domain_index: int, source: bool
+) -> dict[str, list[GlyphClass]]:
+    """Cap and split one domain's classes with a generator seeded by (cfg.seed, domain).
+
+    The source domain keeps at most ``cfg.max_source_classes`` split into train / val / test by
+    ``cfg.val_fraction`` and ``cfg.test_fraction``; other domains keep at most
+    ``cfg.max_classes_per_domain`` split into val (``cfg.val_fraction``) and test (the rest).
+    Each split is in code-point order.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(0, domain_index)))
+    cap = cfg.max_source_classes if source else cfg.max_classes_per_domain
+    order = [classes[i] for i in rng.permutation(len(classes))[:cap]]
+    n_val = round(cfg.val_fraction * len(order))
+    n_test = round(cfg.test_fraction * len(order)) if source else len(order) - n_val
+    parts = {
+        "train": order[n_val + n_test :],
+        "val": order[:n_val],
+        "test": order[n_val : n_val + n_test],
+    }
+    return {k: sorted(v, key=lambda c: c.code_point) for k, v in parts.items()}
+
+
+def _font_schedule(fonts: tuple[int, ...], n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` font indices: concatenated random permutations of ``fonts`` (each used ⌊n/F⌋ or ⌈n/F⌉ times)."""
+    out: list[int] = []
+    while len(out) < n:
+        out += [fonts[i] for i in rng.permutation(len(fonts))]
+    return out[:n]
+
+
+def sample_distortions(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random distortion parameters of ``n`` samples (see :func:`render_samples`).
+
+    Returns:
+        ``em_frac`` [n], ``theta`` [n] radians, ``shear`` [n], ``aspect`` [n] (x scale; y gets
+        1/aspect), ``translation`` [n, 2] half-sides, ``elastic`` [n, 2, 4, 4] half-sides,
+        ``stroke`` [n] in :data:`STROKE_JITTER`.
+    """
+    return {
+        "em_frac": rng.uniform(*EM_FRACTION, n),
+        "theta": np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, n)),
+        "shear": rng.uniform(-SHEAR, SHEAR, n),
+        "aspect": np.exp(rng.uniform(-ASPECT_LOG, ASPECT_LOG, n) / 2),
+        "translation": rng.normal(0.0, TRANSLATION_STD, (n, 2)),
+        "elastic": np.clip(rng.normal(0.0, ELASTIC_STD, (n, 2, ELASTIC_GRID, ELASTIC_GRID)), -ELASTIC_MAX, ELASTIC_MAX),
+        "stroke": rng.uniform(*STROKE_JITTER, n),
+    }
+
+
+def render_samples(glyphs: list[Glyph], image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Distorted renderings of ``glyphs`` (one sample each), framed and centred.
+
+    Per sample: em size uniform in :data:`EM_FRACTION` of the side (natural layout: the frame
+    centre is the advance box's centre, :data:`BASELINE_CENTRE_EM` above the baseline, so ``o``
+    stays smaller than ``O``, ``,`` lower than ``'``, braille ⠁ left of ⠈), rotation, shear,
+    aspect and translation; the glyph is shrunk and shifted only where it would leave the frame
+    (:data:`MARGIN_PX` plus the elastic bound). Then a smooth elastic field (bicubic from a 4×4
+    grid), stroke jitter (a blend toward a 3×3 dilation or erosion at 2× resolution, i.e. ±½
+    output pixel), a 2×2 box filter, and a contrast stretch that makes the darkest pixel black.
+
+    Args:
+        glyphs: N renderings (cropped ink and placement).
+        image_size: output side S, pixels.
+        rng: drives every random choice.
+
+    Returns:
+        uint8 [N, S, S], 0 = black ink, 255 = white paper.
+    """
+    return _render(glyphs, sample_distortions(len(glyphs), rng), image_size)
+
+
+def _inverse_maps(glyphs: list[Glyph], params: dict[str, np.ndarray], image_size: int) -> np.ndarray:
+    """Affine maps [N, 2, 3] from output coordinates ([-1, 1]², x right, y down) to crop pixels.
+
+    Forward: p = k·M·(x - ref)/em + t with M = rotation·shear·aspect, k = 2·em_frac shrunk so the
+    warped ink box fits inside the margin, t the nominal translation clipped to keep it inside.
+    """
+    n = len(glyphs)
+    shape = np.array([g.ink.shape[::-1] for g in glyphs], np.float64)  # [n, 2] (w, h)
+    origin = np.array([[g.left, g.top] for g in glyphs], np.float64)  # crop top-left, pixels from the pen
+    em = np.array([g.em_px for g in glyphs], np.float64)
+    advance = np.array([g.advance for g in glyphs], np.float64)
+    x_ref = np.where(advance > 0, advance / 2, origin[:, 0] + shape[:, 0] / 2)
+    ref = np.stack([x_ref, -BASELINE_CENTRE_EM * em], axis=1)  # glyph point mapped to the frame centre
+    c, s = np.cos(params["theta"]), np.sin(params["theta"])
+    rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], 1)
+    shear = np.zeros((n, 2, 2))
+    shear[:, 0, 0] = shear[:, 1, 1] = 1.0
+    shear[:, 0, 1] = params["shear"]
+    m = rot @ shear
+    m[:, :, 0] *= params["aspect"][:, None]
+    m[:, :, 1] /= params["aspect"][:, None]
+    corners = origin[:, :, None] + shape[:, :, None] * np.array([[0, 1, 0, 1], [0, 0, 1, 1]])  # [n, 2, 4]
+    warped = m @ ((corners - ref[:, :, None]) / em[:, None, None])  # em units
+    margin = 2 * MARGIN_PX / image_size + ELASTIC_MAX  # fraction of the half-side
+    extent = np.maximum(np.ptp(warped, axis=2).max(axis=1), 1e-6)
+    k = np.minimum(2 * params["em_frac"], (2 - 2 * margin) / extent)
+    lo, hi = k[:, None] * warped.min(axis=2), k[:, None] * warped.max(axis=2)
+    t = np.clip(params["translation"], -1 + margin - lo, 1 - margin - hi)
+    a = em[:, None, None] * np.linalg.inv(m) / k[:, None, None]  # x = ref + a·(p - t)
+    offset = ref - np.einsum("nij,nj->ni", a, t) - origin
+    return np.concatenate([a, offset[:, :, None]], axis=2)
+
+
+@functools.lru_cache(maxsize=4)
+def _bicubic_basis(size: int) -> torch.Tensor:
+    """[G², size²] matrix: each control point's one-hot grid upsampled bicubically (align_corners)."""
+    eye = torch.eye(ELASTIC_GRID**2).view(ELASTIC_GRID**2, 1, ELASTIC_GRID, ELASTIC_GRID)
+    return F.interpolate(eye, size=(size, size), mode="bicubic", align_corners=True).view(ELASTIC_GRID**2, -1)
+
+
+def _max3x3(x: torch.Tensor) -> torch.Tensor:
+    """3×3 maximum filter of [N, 1, H, W] (separable; outside the image counts as -inf)."""
+    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    rows = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
+    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
+
+
+def _render(glyphs: list[Glyph], params: dict[str, np.ndarray], image_size: int) -> np.ndarray:
+    """Render ``glyphs`` with the distortions ``params`` (:func:`sample_distortions`); uint8 [N, S, S]."""
+    n = len(glyphs)
+    g = image_size * SUPERSAMPLE
+    height = max(gl.ink.shape[0] for gl in glyphs)
+    width = max(gl.ink.shape[1] for gl in glyphs)
+    canvas = np.zeros((n, 1, height, width), np.float32)
+    for i, gl in enumerate(glyphs):
+        h, w = gl.ink.shape
+        canvas[i, 0, :h, :w] = gl.ink
+    canvas = torch.from_numpy(canvas) / 255.0
+    inverse = torch.from_numpy(_inverse_maps(glyphs, params, image_size)).float()
+
+    centres = (torch.arange(g, dtype=torch.float32) + 0.5) / g * 2 - 1
+    py, px = torch.meshgrid(centres, centres, indexing="ij")
+    points = torch.stack([px, py], dim=-1).expand(n, g, g, 2)  # (x, y) in [-1, 1]
+    elastic = torch.from_numpy(params["elastic"]).float().reshape(n * 2, ELASTIC_GRID**2)
+    field = (elastic @ _bicubic_basis(g)).view(n, 2, g, g)  # = bicubic upsampling, as one matmul
+    points = points + field.clamp(-ELASTIC_MAX, ELASTIC_MAX).permute(0, 2, 3, 1)
+    pix = torch.einsum("nij,nhwj->nhwi", inverse[:, :, :2], points) + inverse[:, None, None, :, 2]
+    grid = pix * (2 / torch.tensor([width, height], dtype=torch.float32)) - 1  # pixel j spans [j, j+1]
+    ink = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    t = torch.from_numpy(params["stroke"]).float().view(n, 1, 1, 1)
+    dilated = _max3x3(ink)
+    eroded = -_max3x3(-ink)
+    ink = torch.where(t > 0, (1 - t) * ink + t * dilated, (1 + t) * ink - t * eroded)
+    ink = F.avg_pool2d(ink, SUPERSAMPLE)
+    # Contrast: the darkest pixel becomes full ink, so hairlines thinned below a pixel stay visible.
+    ink = (ink / ink.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)).clamp(0, 1)
+    return (255 - torch.round(ink[:, 0] * 255)).to(torch.uint8).numpy()
+
+
+def config_hash(cfg: GlyphConfig, paths: list[Path]) -> str:
+    """Digest of everything that determines the benchmark: version, configuration, font files."""
+    payload = {
+        "version": GLYPH_VERSION,
+        "config": to_dict(cfg),
+        "fonts": [[p.name, p.stat().st_size] for p in paths],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def benchmark_dir(cfg: GlyphConfig, cache_dir: str | Path) -> Path:
+    """Where :func:`build_glyph_benchmark` writes (or finds) the benchmark for ``cfg``."""
+    digest = config_hash(cfg, font_paths())
+    return Path(cache_dir) / f"glyphs-v{GLYPH_VERSION}-seed{cfg.seed}-{cfg.image_size}px-{digest}"
+
+
+def _manifest_matches(root: Path, digest: str) -> bool:
+    """True if ``root`` holds a complete benchmark built from the configuration ``digest``."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("version") == GLYPH_VERSION and manifest.get("config_hash") == digest
+
+
+def _check_config(cfg: GlyphConfig) -> None:
+    """Fail fast on settings that cannot give a usable benchmark."""
+    problems = []
+    if cfg.image_size < 8:
+        problems.append(f"image_size={cfg.image_size} (need ≥ 8)")
+    if cfg.samples_per_class < 1:
+        problems.append(f"samples_per_class={cfg.samples_per_class} (need ≥ 1)")
+    if not 1 <= cfg.min_fonts <= len(FONT_FILES):
+        problems.append(f"min_fonts={cfg.min_fonts} (need 1..{len(FONT_FILES)})")
+    if not (0 <= cfg.val_fraction and 0 <= cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1):
+        problems.append(f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction} (need ≥ 0, sum < 1)")
+    if cfg.max_source_classes < 3 or cfg.max_classes_per_domain < 2:
+        problems.append(
+            f"max_source_classes={cfg.max_source_classes}, max_classes_per_domain={cfg.max_classes_per_domain} "
+            f"(need ≥ 3 and ≥ 2)"
+        )
+    if problems:
+        raise ConfigError("glyphs: invalid " + "; ".join(problems))
+
+
+def build_glyph_benchmark(cfg: GlyphConfig, cache_dir: str | Path) -> Path:
+    """Render the benchmark into ``cache_dir`` (or reuse it) and return its root folder.
+
+    Deterministic: the same ``cfg`` and fonts give the same bytes. Idempotent: a root whose
+    manifest matches is returned without touching it. Atomic: everything is written into a
+    temporary sibling folder that is renamed into place only when complete (``manifest.json``
+    last); a failed build removes its temporary folder.
+
+    Args:
+        cfg: benchmark settings (seed, image size, samples per class, class caps, splits).
+        cache_dir: parent folder; created if missing.
+
+    Returns:
+        ``cache_dir/glyphs-v{GLYPH_VERSION}-seed{seed}-{image_size}px-{config hash}``.
+    """
+    _check_config(cfg)
+    paths = font_paths()
+    digest = config_hash(cfg, paths)
+    root = benchmark_dir(cfg, cache_dir)
+    if _manifest_matches(root, digest):
+        log.info("glyph benchmark already built at %s", root)
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    log.info("building glyph benchmark %s (temporary folder %s)", root.name, tmp.name)
+    try:
+        _write_benchmark(cfg, paths, digest, tmp)
+        _move_into_place(tmp, root, digest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _move_into_place(tmp: Path, root: Path, digest: str) -> None:
+    """Rename the finished ``tmp`` to ``root``, replacing a stale ``root``; tolerate a concurrent winner."""
+    if root.exists() and not _manifest_matches(root, digest):
+        log.warning("replacing incomplete or stale benchmark folder %s", root)
+        stale = root.parent / f".{root.name}.stale-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(root, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not _manifest_matches(root, digest):
+            raise
+        log.info("another process finished %s first; discarding this build", root)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_benchmark(cfg: GlyphConfig, paths: list[Path], digest: str, out: Path) -> None:
+    """Scan, split, render and write every domain into ``out``; ``manifest.json`` is written last."""
+    start = time.perf_counter()
+    found, renders = scan_classes(cfg, paths)
+    em_px = max(SCAN_EM_PX, math.ceil(SUPERSAMPLE * EM_FRACTION[1] * cfg.image_size))
+    fonts = _load_fonts(paths, em_px) if em_px != SCAN_EM_PX else None
+    splits = {
+        d: split_classes(found[d], cfg, i, source=d == SOURCE_DOMAIN) for i, d in enumerate(DOMAIN_NAMES) if found[d]
+    }
+    jobs = [(d, c) for d, parts in splits.items() for part in parts.values() for c in part]
+    domains_info = {d: _write_domain_files(out / d, parts, paths, len(found[d])) for d, parts in splits.items()}
+    digits = len(str(cfg.samples_per_class - 1))
+    n = cfg.samples_per_class
+    pending: list[Future] = []
+    # PNG encoding and file creation release the GIL; a few writer threads overlap them with rendering.
+    with ThreadPoolExecutor(WRITER_THREADS) as pool, tqdm(
+        total=len(jobs), desc="rendering glyphs", unit="class", disable=None
+    ) as bar:
+        for first in range(0, len(jobs), CLASSES_PER_BATCH):
+            batch = jobs[first : first + CLASSES_PER_BATCH]
+            images = _render_classes([c for _, c in batch], cfg, renders, fonts)
+            for future in pending:  # surface write errors within one batch; bounds memory
+                future.result()
+            pending = [
+                pool.submit(_write_class, out / d / c.name, images[j * n : (j + 1) * n], digits)
+                for j, (d, c) in enumerate(batch)
+            ]
+            bar.update(len(batch))
+        for future in pending:
+            future.result()
+    manifest = {
+        "version": GLYPH_VERSION,
+        "config_hash": digest,
+        "seed": cfg.seed,
+        "image_size": cfg.image_size,
+        "samples_per_class": cfg.samples_per_class,
+        "source_domain": SOURCE_DOMAIN,
+        "domains": domains_info,
+        "total_classes": len(jobs),
+        "total_images": len(jobs) * cfg.samples_per_class,
+        "fonts": [{"file": p.name, "bytes": p.stat().st_size} for p in paths],
+        "matplotlib_version": matplotlib.__version__,
+        "config": to_dict(cfg),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    log.info(
+        "wrote %d classes, %d images (%s) in %.1f s",
+        len(jobs), manifest["total_images"], {d: i["n_classes"] for d, i in domains_info.items()},
+        time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def _write_domain_files(folder: Path, parts: dict[str, list[GlyphClass]], paths: list[Path], n_found: int) -> dict:
+    """Create ``folder`` with ``splits.json`` and ``classes.json``; return the domain's manifest entry."""
+    folder.mkdir()
+    (folder / "splits.json").write_text(json.dumps({k: [c.name for c in v] for k, v in parts.items()}, indent=1))
+    classes = sorted((c for part in parts.values() for c in part), key=lambda c: c.code_point)
+    meta = {
+        c.name: {"char": chr(c.code_point), "name": unicodedata.name(chr(c.code_point), ""),
+                 "fonts": [paths[i].name for i in c.fonts]}
+        for c in classes
+    }  # fmt: skip
+    (folder / "classes.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    if len(parts["test"]) < 5:
+        log.warning("domain %s has only %d test classes; 5-way tasks need 5", folder.name, len(parts["test"]))
+    return {
+        "in_domain": folder.name == SOURCE_DOMAIN,
+        "n_classes": len(classes),
+        "n_candidates": n_found,
+        "splits": {k: len(v) for k, v in parts.items()},
+    }
+
+
+def _render_classes(
+    classes: list[GlyphClass],
+    cfg: GlyphConfig,
+    renders: dict[tuple[int, int], Glyph],
+    fonts: list[ImageFont.FreeTypeFont] | None,
+) -> np.ndarray:
+    """``cfg.samples_per_class`` images of each class, uint8 [len(classes) · n, S, S], class-major.
+
+    Each class has its own generator seeded by (cfg.seed, code point): its images do not depend on
+    which other classes are built. ``fonts`` (None: reuse the reference ``renders``) re-renders at
+    a larger em size when the image size needs it.
+    """
+    glyphs: list[Glyph] = []
+    params = []
+    for c in classes:
+        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(1, c.code_point)))
+        schedule = _font_schedule(c.fonts, cfg.samples_per_class, rng)
+        if fonts is None:
+            glyphs += [renders[(c.code_point, i)] for i in schedule]
+        else:
+            cache = {i: render_glyph(fonts[i], chr(c.code_point)) for i in set(schedule)}
+            glyphs += [cache[i] for i in schedule]
+        params.append(sample_distortions(cfg.samples_per_class, rng))
+    return _render(glyphs, {k: np.concatenate([p[k] for p in params]) for k in params[0]}, cfg.image_size)
+
+
+def _write_class(folder: Path, images: np.ndarray, digits: int) -> None:
+    """Write uint8 [N, S, S] images as ``folder/00.png`` … (L-mode PNG, no metadata)."""
+    folder.mkdir()
+    for j, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{j:0{digits}d}.png", format="PNG")
+
+
+def glyph_domains(root: str | Path, eval_split: str = "test") -> tuple[DomainConfig, tuple[DomainConfig, ...]]:
+    """Domain configurations of a built benchmark.
+
+    Args:
+        root: folder returned by :func:`build_glyph_benchmark`.
+        eval_split: ``"test"`` for reported results, ``"val"`` for hyperparameter selection on
+            disjoint classes.
+
+    Returns:
+        (training domain: Latin ``train`` split, evaluation domains: Latin ``eval_split``
+        (in-domain) followed by every out-of-domain ``eval_split``, in :data:`DOMAIN_NAMES` order).
+    """
+    if eval_split not in ("val", "test"):
+        raise ValueError(f"eval_split={eval_split!r}; use 'test' (reported results) or 'val' (model selection)")
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found; build the benchmark first with build_glyph_benchmark()")
+    present = json.loads(manifest_path.read_text())["domains"]
+
+    def domain(name: str, split: str) -> DomainConfig:
+        return DomainConfig(
+            name=name, path=str(root / name), format="folder", splits=str(root / name / "splits.json"),
+            split=split, in_domain=name == SOURCE_DOMAIN,
+        )  # fmt: skip
+
+    if SOURCE_DOMAIN not in present:
+        raise ValueError(f"{root} has no {SOURCE_DOMAIN!r} domain; rebuild it with build_glyph_benchmark()")
+    evals = tuple(domain(d, eval_split) for d in DOMAIN_NAMES if d in present)
+    return domain(SOURCE_DOMAIN, "train"), evals

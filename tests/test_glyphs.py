@@ -1,0 +1,201 @@
+"""The embedded glyph benchmark: layout, counts, splits, determinism, idempotence, atomicity."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amt.config import GlyphConfig
+from amt.data import glyphs
+from amt.data.glyphs import (
+    FONT_FILES,
+    GLYPH_VERSION,
+    GlyphClass,
+    build_glyph_benchmark,
+    domain_of,
+    glyph_domains,
+    render_glyph,
+    split_classes,
+)
+
+SMALL = GlyphConfig(seed=3, image_size=24, samples_per_class=5, max_source_classes=14, max_classes_per_domain=7)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    return build_glyph_benchmark(SMALL, tmp_path_factory.mktemp("cache"))
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_name_and_manifest_describe_the_build(bench):
+    m = _manifest(bench)
+    assert bench.name.startswith(f"glyphs-v{GLYPH_VERSION}-seed3-24px-")
+    assert m["version"] == GLYPH_VERSION and m["seed"] == 3 and m["image_size"] == 24
+    assert m["config"]["samples_per_class"] == 5
+    assert [f["file"] for f in m["fonts"]] == list(FONT_FILES)
+    assert not any(f.startswith(("LastResort", "cm")) for f in FONT_FILES)
+
+
+def test_counts_match_manifest_and_every_class_is_full(bench):
+    m = _manifest(bench)
+    total = 0
+    for d, info in m["domains"].items():
+        splits = json.loads((bench / d / "splits.json").read_text())
+        folders = sorted(p.name for p in (bench / d).iterdir() if p.is_dir())
+        assert folders == sorted(c for part in splits.values() for c in part)
+        assert info["n_classes"] == len(folders)
+        assert info["splits"] == {k: len(v) for k, v in splits.items()}
+        for c in folders:
+            pngs = sorted((bench / d / c).glob("*.png"))
+            assert len(pngs) == SMALL.samples_per_class, (d, c)
+            for p in pngs:
+                with Image.open(p) as im:
+                    assert im.size == (24, 24) and im.mode == "L"
+            total += len(pngs)
+    assert total == m["total_images"] == m["total_classes"] * SMALL.samples_per_class
+
+
+def test_splits_are_disjoint_and_cover(bench):
+    for d, info in _manifest(bench)["domains"].items():
+        splits = json.loads((bench / d / "splits.json").read_text())
+        names = [c for part in splits.values() for c in part]
+        assert len(names) == len(set(names)), d
+        pairs = [("train", "val"), ("train", "test"), ("val", "test")]
+        assert all(set(splits[a]).isdisjoint(splits[b]) for a, b in pairs)
+        if info["in_domain"]:
+            assert min(len(splits["train"]), len(splits["val"]), len(splits["test"])) > 0
+            assert len(splits["train"]) > len(splits["test"])
+        else:
+            assert splits["train"] == [] and len(splits["test"]) > len(splits["val"]) > 0
+        meta = json.loads((bench / d / "classes.json").read_text())
+        assert sorted(meta) == sorted(names)
+        assert all(domain_of(ord(v["char"])) == d and len(v["fonts"]) >= SMALL.min_fonts for v in meta.values())
+
+
+def test_glyph_domains_has_latin_train_in_domain_test_and_four_ood(bench):
+    train, evals = glyph_domains(bench)
+    assert train.name == "latin" and train.split == "train" and train.in_domain and train.format == "folder"
+    assert Path(train.path) == bench / "latin" and Path(train.splits) == bench / "latin" / "splits.json"
+    assert evals[0].name == "latin" and evals[0].in_domain and evals[0].split == "test"
+    ood = [d for d in evals if not d.in_domain]
+    assert len(ood) >= 4 and len(evals) >= 5
+    assert len({d.name for d in evals}) == len(evals)
+    for d in evals:
+        assert d.split == "test" and Path(d.path).is_dir() and Path(d.splits).is_file()
+    _, val = glyph_domains(bench, eval_split="val")
+    assert [d.name for d in val] == [d.name for d in evals] and all(d.split == "val" for d in val)
+
+
+def test_images_have_ink_stay_in_frame_and_vary(bench):
+    for d in _manifest(bench)["domains"]:
+        for c in (p for p in (bench / d).iterdir() if p.is_dir()):
+            stack = np.stack([np.asarray(Image.open(p)) for p in sorted(c.glob("*.png"))])
+            dark = (stack < 128).sum(axis=(1, 2))
+            assert (dark >= 4).all() and (stack.min(axis=(1, 2)) == 0).all(), f"{d}/{c.name}: an image lacks ink"
+            border = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0], stack[:, :, -1]], axis=1)
+            assert border.min() >= 250, f"{d}/{c.name}: ink touches the frame"
+            assert len({im.tobytes() for im in stack}) == len(stack), f"{d}/{c.name}: identical samples"
+
+
+def test_classes_differ_within_a_domain(bench):
+    """Duplicate characters were dropped: class means differ (no two classes are the same picture)."""
+    for d in _manifest(bench)["domains"]:
+        means = [
+            np.stack([np.asarray(Image.open(p), np.float32) for p in sorted(c.glob("*.png"))]).mean(0).tobytes()
+            for c in sorted(p for p in (bench / d).iterdir() if p.is_dir())
+        ]
+        assert len(set(means)) == len(means), d
+
+
+def test_rebuild_elsewhere_gives_identical_bytes(bench, tmp_path):
+    other = build_glyph_benchmark(SMALL, tmp_path)
+    assert other != bench and other.name == bench.name
+    files = _files(bench)
+    assert files == _files(other) and len(files) > 100
+    for f in files:
+        assert (bench / f).read_bytes() == (other / f).read_bytes(), f
+
+
+def test_second_call_reuses_without_rewriting(bench):
+    before = {f: (bench / f).stat().st_mtime_ns for f in _files(bench)}
+    assert build_glyph_benchmark(SMALL, bench.parent) == bench
+    assert {f: (bench / f).stat().st_mtime_ns for f in _files(bench)} == before
+    assert [p.name for p in bench.parent.iterdir()] == [bench.name]  # no temporary folders left
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    cfg = GlyphConfig(seed=1, image_size=48, samples_per_class=3, max_source_classes=6, max_classes_per_domain=4)
+    calls = []
+    real_write = glyphs._write_class
+
+    def failing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(glyphs, "_write_class", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_glyph_benchmark(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the final folder nor the temporary one
+    monkeypatch.setattr(glyphs, "_write_class", real_write)
+
+    # A leftover folder without a manifest at the final path is replaced, not trusted.
+    stale = glyphs.benchmark_dir(cfg, tmp_path)
+    (stale / "latin").mkdir(parents=True)
+    (stale / "latin" / "partial.png").write_bytes(b"")
+    root = build_glyph_benchmark(cfg, tmp_path)
+    assert root == stale and (root / "manifest.json").is_file() and not (root / "latin" / "partial.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]
+    with Image.open(next(root.rglob("*.png"))) as im:  # 48 px exercises the re-rendering at a larger em size
+        assert im.size == (48, 48)
+
+
+def test_split_classes_is_seeded_capped_and_fractional():
+    classes = [GlyphClass(0x41 + i, (0, 1, 2)) for i in range(100)]
+    cfg = GlyphConfig(seed=0, max_source_classes=80, max_classes_per_domain=30)
+    a = split_classes(classes, cfg, 0, source=True)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [56, 12, 12]
+    assert a == split_classes(classes, cfg, 0, source=True)
+    assert a != split_classes(classes, GlyphConfig(seed=1, max_source_classes=80), 0, source=True)
+    b = split_classes(classes, cfg, 3, source=False)
+    assert len(b["train"]) == 0 and len(b["val"]) + len(b["test"]) == 30
+
+
+def test_font_schedule_spreads_fonts_evenly():
+    rng = np.random.default_rng(0)
+    counts = Counter(glyphs._font_schedule((2, 5, 7, 9, 11, 12, 15), 20, rng))
+    assert set(counts) == {2, 5, 7, 9, 11, 12, 15} and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_domain_rules_and_blank_glyphs():
+    assert [domain_of(ord(c)) for c in "AßΩЖԱა⠁∀→✂"] == [
+        "latin", "latin", "greek", "cyrillic", "armenian_georgian", "armenian_georgian",
+        "braille", "math", "arrows_shapes", "dingbats",
+    ]  # fmt: skip
+    assert domain_of(ord("!")) is None and domain_of(ord("7")) is None
+    font = glyphs._load_fonts(glyphs.font_paths()[:1], 64)[0]
+    assert render_glyph(font, " ") is None
+    a = render_glyph(font, "A")
+    assert a is not None and a.ink.max() == 255 and a.top < 0 <= a.left
+
+
+@pytest.mark.slow
+def test_default_benchmark_size(tmp_path):
+    root = build_glyph_benchmark(GlyphConfig(), tmp_path)
+    m = _manifest(root)
+    counts = {d: i["n_classes"] for d, i in m["domains"].items()}
+    assert len(counts) >= 5 and max(counts, key=counts.get) == "latin"
+    assert m["total_images"] <= 45_000 and len(list(root.rglob("*.png"))) == m["total_images"]
