@@ -65,7 +65,7 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     methods = {"PM": ProtoNetPredictor(backbone, cfg.head, cfg.eval.batch_size)}
     results = evaluate(methods, domains, cfg.eval)
     results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
-                           "fingerprint": fingerprint(backbone)}
+                           "fingerprint": fingerprint(backbone.vit)}
     write_results(results, out_dir)
     save_config(cfg, out_dir / "config.yaml")
     return results
@@ -75,13 +75,13 @@ def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
     """Pre-train the configured backbone on the training domain; write ``out`` (.safetensors) + ``.json``."""
     from amt.pretrain import pretrain
 
-    cfg = resolve(cfg)
+    cfg = resolve(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, checkpoint=None)))
     if cfg.train_domain is None:
         raise ConfigError("pretraining needs `train_domain`")
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.pretrain.seed)
-    backbone = build_backbone(dataclasses.replace(cfg.backbone, checkpoint=None))
+    backbone = build_backbone(cfg.backbone)
     train = load_domain(cfg.train_domain, cfg.data, train=True)
     metrics = pretrain(backbone, train, cfg.pretrain, backbone.embed_dim)
     tmp = out.with_suffix(".tmp.safetensors")
@@ -90,7 +90,7 @@ def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
     info = {
         "arch": cfg.backbone.arch, "image_size": cfg.backbone.image_size,
         "mean": list(cfg.backbone.mean), "std": list(cfg.backbone.std),
-        "fingerprint": fingerprint(backbone), "metrics": metrics,
+        "fingerprint": fingerprint(backbone.vit), "metrics": metrics,
         "train_domain": cfg.train_domain.name, "train_classes": len(train.class_names),
         "pretrain": to_dict(cfg.pretrain), "data": to_dict(cfg.data), "glyphs": to_dict(cfg.glyphs),
         "command": "amt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -108,3 +108,52 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
     table = markdown_table(results)
     log.info("demo finished in %.0f s; results in %s", time.perf_counter() - start, out_dir)
     return table
+
+
+def run_train(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    members: list[int] | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict:
+    """Meta-tune the pool (or one baseline) on the training domain; returns the pool manifest.
+
+    Writes ``out_dir/pool.json`` (backbone fingerprint, configuration, one record per member) and per
+    member ``member{i}/`` with ``weights.safetensors``, ``state.pt``, ``metrics.jsonl``, ``member.json``.
+    """
+    from amt.lora import inject_lora
+    from amt.train import (MANIFEST_FILE, MEMBER_RECORD_FILE, MemberSpec, _write_json, check_fingerprint,
+                           member_names, member_record, train_member, write_manifest)
+
+    cfg = resolve(cfg)
+    if cfg.train_domain is None:
+        raise ConfigError("meta-tuning needs `train_domain`")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = build_backbone(cfg.backbone).eval()
+    fp = fingerprint(backbone.vit)
+    if (out / MANIFEST_FILE).exists():
+        check_fingerprint(json.loads((out / MANIFEST_FILE).read_text()), fp, out)
+    if cfg.train.mode == "lora":
+        names: list[str | None] = list(member_names(cfg.pool))
+        inject_lora(backbone.vit, cfg.lora.targets, names, cfg.lora.rank, cfg.lora.scaling, cfg.lora.init,
+                    generator=torch.Generator().manual_seed(cfg.train.seed))
+    else:
+        names = [None]
+    indices = list(range(len(names))) if members is None else members
+    bad = [i for i in indices if not 0 <= i < len(names)]
+    if bad:
+        raise ConfigError(f"--member {bad} out of range: this pool has {len(names)} member(s) (0..{len(names) - 1})")
+    train_set = load_domain(cfg.train_domain, cfg.data, train=True)
+    val_set = load_domain(cfg.train_domain, cfg.data, train=False, split="val")
+    header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
+    save_config(cfg, out / "config.yaml")
+    for i in indices:
+        spec = MemberSpec(i, names[i], out / f"member{i}")
+        summary = train_member(backbone, spec, train_set, val_set,
+                               cfg.train, cfg.pool, cfg.perturb, cfg.head, resume=resume, stop_after=stop_after)
+        _write_json(member_record(spec, cfg.pool, cfg.train, summary), spec.out_dir / MEMBER_RECORD_FILE)
+        log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i, summary["episodes"],
+                 summary["best"]["val_acc"], summary["best"]["episode"])
+    return write_manifest(out, header)

@@ -76,7 +76,7 @@ def pretrain(backbone: nn.Module, train: ImageDataset, cfg: PretrainConfig, embe
         loss.backward()
         opt.step()
         acc = 100.0 * float((logits.argmax(-1) == labels).float().mean())
-        ema_loss = float(loss) if ema_loss is None else 0.95 * ema_loss + 0.05 * float(loss)
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         if step % 10 == 0:
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.1f}", lr=f"{lr_at(step, cfg):.1e}")
