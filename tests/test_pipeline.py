@@ -84,3 +84,38 @@ def test_pretraining_learns_the_training_classes(tmp_path):
 def test_bad_config_key_is_a_clear_cli_error(tmp_path, caplog):
     assert main(["evaluate", "--out", str(tmp_path / "o"), "--set", "eval.n_taks=3"]) == 2
     assert "n_taks" in caplog.text and "valid keys" in caplog.text
+
+
+TRAIN = ["--set", "train.episodes_per_epoch=4", "--set", "train.warmup_epochs=0.5", "--set", "train.val_every=2",
+         "--set", "train.val_tasks=2", "--set", "train.n_query=2", "--set", "train.checkpoint_every=2",
+         "--set", "pool.eps=[0.004, 0.03]"]
+
+
+def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, capsys):
+    from amt.train import MANIFEST_FILE
+
+    out = tmp_path / "pool"
+    common = ["--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN]
+    assert main(["train", *common, "--stop-after", "2"]) == 0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [m["episodes"] for m in manifest["members"]] == [2, 2] and not manifest["members"][0]["finished"]
+    assert main(["train", *common]) == 2  # a state exists: needs --resume, nothing overwritten
+    assert main(["train", *common, "--resume"]) == 0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [m["attack"]["eps"] for m in manifest["members"]] == [0.004, 0.03]
+    assert all(m["finished"] and m["episodes"] == 4 for m in manifest["members"])
+    assert manifest["backbone_fingerprint"] == json.loads(embedded_asset("glyph_vit.json").read_text())["fingerprint"]
+    for i in range(2):
+        lines = (out / f"member{i}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["episode"] for x in lines] == [1, 2, 3, 4]
+        keys = load_file(str(out / f"member{i}" / "weights.safetensors"))
+        assert "head.scale" in keys and any(k.endswith("attn.qkv.lora_A") for k in keys)
+    printed = capsys.readouterr().out
+    assert "| member1 | 7.65 | 4 |" in printed  # 0.03 × 255
+    assert main(["train", *common, "--member", "7"]) == 2
+
+    clean = tmp_path / "clean"
+    assert main(["train", "--variant", "clean_lora", "--out", str(clean), *common[2:]]) == 0
+    manifest = json.loads((clean / MANIFEST_FILE).read_text())
+    assert len(manifest["members"]) == 1 and manifest["members"][0]["attack"] is None
+    assert manifest["config"]["train"]["apq"] is False and manifest["config"]["perturb"]["enabled"] is False

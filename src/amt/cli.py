@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from amt.config import ConfigError, load_config, merge_dicts, parse_override
+from amt.config import VARIANTS, ConfigError, load_config, merge_dicts, parse_override, variant_overrides
 
 
 def _config(args: argparse.Namespace):
-    overrides: dict = {}
+    overrides: dict = variant_overrides(args.variant) if getattr(args, "variant", None) else {}
     for text in args.set or []:
         overrides = merge_dicts(overrides, parse_override(text))
     return load_config(args.config, overrides)
@@ -35,12 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
     _add_common(p, None)
     p.add_argument("--out", required=True, help="output weights file (.safetensors; a .json is written beside)")
+    p = sub.add_parser("train", help="meta-tune the LoRA pool (AMT) or a baseline on the training domain")
+    _add_common(p, "runs/pool")
+    p.add_argument("--variant", default="amt", choices=sorted(VARIANTS),
+                   help="method or ablation to train (default: %(default)s); --set applies on top")
+    p.add_argument("--member", type=int, action="append", metavar="I",
+                   help="train only pool member I (repeatable; default: all, one after the other)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="checkpoint and stop once N episodes are done (continue later with --resume)")
     p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
     _add_common(p, None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from amt import pipeline
+    from amt.train import TrainingError
 
     try:
         cfg = _config(args)
@@ -52,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(pipeline.run_evaluate(cfg, args.out)))
         elif args.verb == "pretrain":
             pipeline.run_pretrain(cfg, args.out)
+        elif args.verb == "train":
+            manifest = pipeline.run_train(cfg, args.out, members=args.member, resume=args.resume,
+                                          stop_after=args.stop_after)
+            from amt.report import training_table
+
+            print(training_table(manifest))
         elif args.verb == "glyphs":
             from amt.data.glyphs import build_glyph_benchmark
 
             print(build_glyph_benchmark(cfg.glyphs, cfg.cache_dir))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
         logging.getLogger("amt").error("%s", exc)
         return 2
     return 0

@@ -163,6 +163,48 @@ class PerturbConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """The robust LoRA pool: one member per attack configuration (METHOD.md, Algorithm 1).
+
+    Member i attacks with ``eps[i]`` and step ``step_ratio * eps``; the other attack settings come
+    from ``attack``. Strategies: "separate" (member i uses eps[i]; the paper), "uniform" (every member
+    uses the mean eps), "random" (every episode draws eps uniformly from the list).
+    """
+
+    eps: tuple[float, ...] = (0.01 / 255, 0.1 / 255, 6 / 255, 8 / 255)  # ℓ∞ radii, pixel units; P = len(eps)
+    step_ratio: float = 0.5  # attack step = step_ratio * eps (METHOD.md decision: eps/2)
+    strategy: str = "separate"  # "separate" | "uniform" | "random"
+    attack: AttackConfig = field(
+        default_factory=lambda: AttackConfig(steps=2, objective="kl")
+    )  # template: norm, steps, objective, random start, pyramid; eps/step_size set per member
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Meta-tuning of one pool member (or of the clean baselines): schedule, loss and switches."""
+
+    mode: str = "lora"  # "lora": train one LoRA member (AMT, clean LoRA) | "full": the whole backbone (PMF)
+    apq: bool = True  # adversarial query perturbation on/off (off: clean meta-tuning)
+    epochs: int = 30  # epochs of `episodes_per_epoch` episodes
+    episodes_per_epoch: int = 2000  # episodes (optimiser steps) per epoch
+    warmup_epochs: float = 5  # linear warm-up from warmup_lr to lr, in epochs
+    lr: float = 5e-4  # SGD peak learning rate, cosine-decayed to min_lr
+    warmup_lr: float = 1e-6  # learning rate at the first episode
+    min_lr: float = 1e-6  # learning rate at the end of the cosine
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 0.0  # SGD weight decay
+    lambda_adv: float = 6.0  # weight of KL(p_clean ‖ p_adv) in the loss (TRADES β)
+    train_scale: bool = True  # the head's logit scale s is trained too
+    n_way: int = 5  # training episode shape
+    n_shot: int = 1
+    n_query: int = 15
+    val_every: int = 500  # episodes between validations on the validation classes
+    val_tasks: int = 100  # fixed, seeded validation tasks per validation
+    checkpoint_every: int = 100  # episodes between (atomic) resumable checkpoints
+    seed: int = 0  # episodes, attack noise and initialisation; member i uses seed + i
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: which data, which backbone, which protocol."""
 
@@ -177,6 +219,24 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)  # APSV during meta-tuning
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named meta-tuning variants: baselines and ablations as overrides of the same configuration
+# (`amt train --variant NAME`); "amt" is the method itself. Each maps to the switches of TrainConfig,
+# PerturbConfig, PoolConfig and LoRAConfig; nothing else changes between variants.
+VARIANTS: dict[str, dict] = {
+    "amt": {},  # APQ + APSV, pool of len(pool.eps) members, one ε each, SVD init
+    "apq_only": {"perturb": {"enabled": False}},  # adversarial queries, no weight perturbation
+    "uniform_pool": {"pool": {"strategy": "uniform"}},  # every member attacks with the mean ε
+    "random_pool": {"pool": {"strategy": "random"}},  # ε drawn from the list every episode
+    "clean_lora": {"train": {"apq": False}, "perturb": {"enabled": False}},  # one clean LoRA, SVD init
+    "clean_lora_standard": {"train": {"apq": False}, "perturb": {"enabled": False}, "lora": {"init": "standard"}},
+    "pmf": {"train": {"mode": "full", "apq": False}, "perturb": {"enabled": False}},  # full backbone, clean
+}
 
 
 class ConfigError(ValueError):
@@ -239,6 +299,13 @@ def to_dict(cfg: Any) -> dict:
         return v
 
     return conv(cfg)
+
+
+def variant_overrides(name: str) -> dict:
+    """The overrides of meta-tuning variant ``name`` (see :data:`VARIANTS`)."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:

@@ -136,7 +136,7 @@ def run_train(
     if (out / MANIFEST_FILE).exists():
         check_fingerprint(json.loads((out / MANIFEST_FILE).read_text()), fp, out)
     if cfg.train.mode == "lora":
-        names: list[str | None] = list(member_names(cfg.pool))
+        names: list[str | None] = list(member_names(cfg.pool, cfg.train))
         inject_lora(backbone.vit, cfg.lora.targets, names, cfg.lora.rank, cfg.lora.scaling, cfg.lora.init,
                     generator=torch.Generator().manual_seed(cfg.train.seed))
     else:

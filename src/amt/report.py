@@ -38,3 +38,25 @@ def markdown_table(results: dict) -> str:
         lines.append(f"\n{d} {s}-shot: {q} queries per class (classes too small for {results['protocol']['n_query']}).")
     lines.append(f"\n{rows[0]['n_tasks'] if rows else 0} tasks per cell; ± is the 95% confidence interval.")
     return "\n".join(lines)
+
+
+def training_table(manifest: dict) -> str:
+    """Markdown table of a trained pool (``pool.json``): one row per member with its attack and end points."""
+    lines = ["| member | attack ε (×255) | episodes | best val acc (episode) | final loss | final CE | final KL "
+             "| scale | seconds |", "|" + "---|" * 9]
+    for m in manifest["members"]:
+        attack = m.get("attack")
+        if attack is None:
+            eps = "clean"
+        elif "strategy" in attack:
+            eps = "random of " + ", ".join(f"{e * 255:g}" for e in attack["eps"])
+        else:
+            eps = f"{attack['eps'] * 255:g}"
+        final = m.get("final") or {}
+        best = m.get("best", {})
+        lines.append(
+            f"| {m['name'] or 'backbone'} | {eps} | {m['episodes']}{'' if m.get('finished') else ' (unfinished)'} "
+            f"| {best.get('val_acc', float('nan')):.2f} ({best.get('episode', '—')}) "
+            f"| {final.get('loss', float('nan')):.3f} | {final.get('ce', float('nan')):.3f} "
+            f"| {final.get('kl', float('nan')):.4f} | {m.get('scale', float('nan')):.2f} | {m.get('seconds', 0):.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""Meta-tuning on a tiny real timm ViT and real image folders: parameter sets, switches, resume, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amt.backbone import Backbone, build_vit
+from amt.config import (VARIANTS, AttackConfig, ConfigError, DataConfig, DomainConfig, ExperimentConfig, HeadConfig,
+                        LoRAConfig, PerturbConfig, PoolConfig, TrainConfig, from_dict, merge_dicts, to_dict,
+                        variant_overrides)
+from amt.data.datasets import load_domain
+from amt.data.episodes import FixedSampler, load_episode
+from amt.lora import adapter_state_dict, inject_lora, lora_layers
+from amt.train import (MemberSpec, TrainingError, check_fingerprint, load_member_weights, lr_at, member_attack,
+                       member_names, train_member, training_step)
+
+from conftest import write_image_folder
+
+SIZE = 32
+POOL = PoolConfig(eps=(2 / 255, 8 / 255), attack=AttackConfig(steps=2, objective="kl"))
+TINY = TrainConfig(epochs=1, episodes_per_epoch=6, warmup_epochs=0.5, lr=0.05, n_way=3, n_shot=1, n_query=2,
+                   val_every=3, val_tasks=2, checkpoint_every=2, seed=3)
+
+
+def _model(names=("member0", "member1"), init="svd") -> Backbone:
+    torch.manual_seed(0)
+    model = Backbone(build_vit("vit_tiny_test", SIZE), mean=(0.5,) * 3, std=(0.5,) * 3).eval()
+    if names:
+        inject_lora(model.vit, LoRAConfig().targets, list(names), rank=4, init=init,
+                    generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_image_folder(tmp_path_factory.mktemp("train") / "d", n_classes=6, per_class=6, size=SIZE)
+    dcfg = DataConfig(image_size=SIZE, resize_ratio=1.0, cache_decoded=True)
+    dom = DomainConfig(name="d", path=str(root))
+    return load_domain(dom, dcfg, train=True), load_domain(dom, dcfg, train=False)
+
+
+def _episode(dataset, seed=0):
+    sampler = FixedSampler(dataset.indices_by_class(), 3, 1, 2, torch.Generator().manual_seed(seed), "d")
+    return load_episode(dataset, sampler.sample())
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before, after) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _run(model, tmp_path, data, cfg=TINY, perturb=PerturbConfig(), pool=POOL, name="member0", index=0, **kw):
+    spec = MemberSpec(index, name, tmp_path / (name or "full"))
+    return train_member(model, spec, data[0], data[1], cfg, pool, perturb, HeadConfig(), **kw), spec
+
+
+# ---------------------------------------------------------------------------- schedule and attacks
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = TrainConfig(epochs=4, episodes_per_epoch=10, warmup_epochs=1, lr=1e-2, warmup_lr=1e-5, min_lr=1e-4)
+    lrs = [lr_at(i, cfg) for i in range(40)]
+    assert lrs[0] == pytest.approx(1e-5)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warm-up rises
+    assert max(lrs) == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine never rises
+    assert 1e-4 <= lrs[-1] < 2e-4
+
+
+def test_pool_strategies_choose_the_documented_radius():
+    gen = torch.Generator().manual_seed(0)
+    a1 = member_attack(POOL, 1, gen)
+    assert a1.eps == POOL.eps[1] and a1.step_size == pytest.approx(0.5 * POOL.eps[1]) and a1.objective == "kl"
+    uni = dataclasses.replace(POOL, strategy="uniform")
+    assert [member_attack(uni, i, gen).eps for i in range(2)] == pytest.approx([5 / 255, 5 / 255])
+    rnd = dataclasses.replace(POOL, strategy="random")
+    drawn = {member_attack(rnd, 0, gen).eps for _ in range(50)}
+    assert drawn == set(POOL.eps)
+    with pytest.raises(ConfigError, match="strategy"):
+        member_attack(dataclasses.replace(POOL, strategy="nope"), 0, gen)
+
+
+def test_clean_meta_tuning_trains_one_member_and_apq_one_per_radius():
+    assert member_names(POOL, TINY) == ["member0", "member1"]
+    assert member_names(POOL, dataclasses.replace(TINY, apq=False)) == ["member0"]
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+@pytest.mark.parametrize("apq,apsv", [(True, True), (True, False), (False, False)])
+def test_a_step_moves_only_the_members_lora_factors(data, apq, apsv):
+    model = _model()
+    params = [p for n, p in model.named_parameters() if ".adapters.member0." in n or "member0" in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from amt.lora import adapter_parameters, mark_trainable, set_active_adapter
+
+    trained = mark_trainable(model, ["member0"])
+    set_active_adapter(model, "member0")
+    assert trained and all(p.requires_grad for p in trained) and len(params) >= len(trained)
+    scale = torch.nn.Parameter(torch.tensor(10.0))
+    opt = torch.optim.SGD(trained + [scale], lr=0.1, momentum=0.9)
+    before = _snapshot(model)
+    attack = member_attack(POOL, 1, torch.Generator().manual_seed(0)) if apq else None
+    _, res = training_step(model, _episode(data[0]), scale, adapter_parameters(model, "member0"), attack,
+                           PerturbConfig(enabled=apsv), 6.0, torch.Generator().manual_seed(0))
+    opt.step()
+    changed = _changed(before, _snapshot(model))
+    assert changed, "nothing trained"
+    assert all(".member0" in k or "member0." in k for k in changed), changed
+    own = {k for k in before if "member0" in k}
+    assert changed == own  # every factor of the member moves (A and B of every layer)
+    assert scale.item() != 10.0
+    assert math.isfinite(res.loss) and (res.kl > 0) == apq
+
+
+def test_apsv_changes_the_update_but_restores_the_weights_it_perturbs(data):
+    results = {}
+    for apsv in (False, True):
+        model = _model()
+        from amt.lora import adapter_parameters, mark_trainable, set_active_adapter
+
+        trained = mark_trainable(model, ["member0"])
+        set_active_adapter(model, "member0")
+        before = _snapshot(model)
+        scale = torch.nn.Parameter(torch.tensor(10.0))
+        training_step(model, _episode(data[0]), scale, adapter_parameters(model, "member0"),
+                      member_attack(POOL, 1, torch.Generator().manual_seed(0)),
+                      PerturbConfig(enabled=apsv, eta=1e-2), 6.0, torch.Generator().manual_seed(0))
+        assert _changed(before, _snapshot(model)) == set()  # the step itself leaves the weights as they were
+        results[apsv] = torch.cat([p.grad.flatten() for p in trained])
+    assert not torch.allclose(results[False], results[True])  # the gradient is taken at perturbed weights
+
+
+# ---------------------------------------------------------------------------- switches
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, variant):
+    base = ExperimentConfig(train=TINY, pool=POOL)
+    cfg = from_dict(ExperimentConfig, merge_dicts(to_dict(base), variant_overrides(variant)))
+    names = member_names(cfg.pool, cfg.train) if cfg.train.mode == "lora" else []
+    model = _model(names, init=cfg.lora.init)
+    before = _snapshot(model)
+    name = names[-1] if names else None
+    summary, spec = _run(model, tmp_path, data, cfg=cfg.train, perturb=cfg.perturb, pool=cfg.pool,
+                         name=name, index=len(names) - 1 if names else 0)
+    changed = _changed(before, _snapshot(model))
+    if cfg.train.mode == "full":
+        assert not lora_layers(model)
+        assert any("blocks.0.attn.qkv.weight" in k for k in changed) and any("patch_embed" in k for k in changed)
+    else:
+        assert changed == {k for k in before if f".{name}." in k or k.endswith(f".{name}")}, (variant, changed)
+    assert spec.out_dir.joinpath("weights.safetensors").is_file()
+    kls = [json.loads(line)["kl"] for line in spec.out_dir.joinpath("metrics.jsonl").read_text().splitlines()]
+    assert (max(kls) > 0) == cfg.train.apq
+
+
+def test_standard_init_starts_at_the_backbone_and_svd_init_splits_it(data):
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    plain = _model(names=())
+    with torch.no_grad():
+        ref = plain(x)
+        for init in ("standard", "svd"):
+            model = _model(["member0"], init=init)
+            from amt.lora import set_active_adapter
+
+            set_active_adapter(model, "member0")
+            torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+            b = adapter_state_dict(model, "member0")
+            zero_b = all(float(v.abs().max()) == 0 for k, v in b.items() if "lora_B" in k)
+            assert zero_b == (init == "standard")
+
+
+# ---------------------------------------------------------------------------- resume and failures
+
+
+def test_resume_equals_an_uninterrupted_run(data, tmp_path):
+    full_model = _model()
+    _run(full_model, tmp_path / "a", data)
+    full = adapter_state_dict(full_model, "member0")
+
+    part_model = _model()
+    s1, spec = _run(part_model, tmp_path / "b", data, stop_after=3)
+    assert s1["episodes"] == 3 and not s1["finished"]
+    fresh = _model()  # a new process: the model is rebuilt from scratch
+    s2, _ = _run(fresh, tmp_path / "b", data, resume=True)
+    assert s2["finished"]
+    resumed = adapter_state_dict(fresh, "member0")
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    a = (tmp_path / "a" / "member0" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "member0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in a] == [json.loads(x)["loss"] for x in b]
+
+
+def test_existing_state_needs_resume_and_is_not_overwritten(data, tmp_path):
+    _run(_model(), tmp_path, data, stop_after=2)
+    state = (tmp_path / "member0" / "state.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(_model(), tmp_path, data)
+    assert (tmp_path / "member0" / "state.pt").read_bytes() == state
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(data, tmp_path):
+    model = _model()
+
+    def poison(done, _):
+        if done == 3:  # after the checkpoint at 2; episode 4's loss is NaN
+            with torch.no_grad():
+                next(iter(lora_layers(model).values())).lora_A["member0"].fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        _run(model, tmp_path, data, on_episode=poison)
+    state = torch.load(tmp_path / "member0" / "state.pt", weights_only=True)
+    assert state["episode"] == 2
+    assert all(torch.isfinite(v).all() for v in state["weights"].values() if v.is_floating_point())
+
+
+def test_member_weights_round_trip_and_the_pool_checks_its_backbone(data, tmp_path):
+    model = _model()
+    summary, spec = _run(model, tmp_path, data)
+    other = _model()
+    scale = load_member_weights(other, "member0", spec.out_dir / "weights.safetensors")
+    assert scale.item() == pytest.approx(load_file(str(spec.out_dir / "weights.safetensors"))["head.scale"].item())
+    saved = load_file(str(spec.out_dir / "weights.safetensors"))
+    loaded = adapter_state_dict(other, "member0")
+    assert loaded and all(torch.equal(saved["lora." + k], v) for k, v in loaded.items())
+    with pytest.raises(KeyError, match="member0"):
+        load_member_weights(_model(["other"]), "member0", spec.out_dir / "weights.safetensors")
+    check_fingerprint({"backbone_fingerprint": "abc"}, "abc", tmp_path)
+    with pytest.raises(ConfigError, match="trained from backbone abc"):
+        check_fingerprint({"backbone_fingerprint": "abc"}, "def", tmp_path)
