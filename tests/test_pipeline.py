@@ -15,6 +15,9 @@ from amt.pretrain import pretrain
 
 from conftest import write_image_folder
 
+TRAIN = ["--set", "train.episodes_per_epoch=4", "--set", "train.warmup_epochs=0.5", "--set", "train.val_every=2",
+         "--set", "train.val_tasks=2", "--set", "train.n_query=2", "--set", "train.checkpoint_every=2",
+         "--set", "pool.eps=[0.004, 0.03]"]
 SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_per_domain=7",
          "--set", "glyphs.samples_per_class=8", "--set", "eval.n_tasks=3", "--set", "eval.n_query=3"]
 
@@ -31,8 +34,8 @@ def test_shipped_backbone_loads_strictly_and_matches_its_record():
 
 def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["demo", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL])
-    assert rc == 0
+    args = ["demo", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN]
+    assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     domains = {r["domain"] for r in results["results"]}
     assert len(domains) >= 5 and {r["n_shot"] for r in results["results"]} == {1, 5}
@@ -40,6 +43,12 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     assert (out / "config.yaml").is_file() and "amt_glyph_vit" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "| PM | 5w1s |" in printed and "latin (ID)" in printed
+    assert "Meta-tuning `amt`" in printed and "| member1 | 7.65 |" in printed and "| member0 | clean |" in printed
+    pool = json.loads((out / "amt" / "pool.json").read_text())
+    assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])
+    weights = (out / "amt" / "member1" / "weights.safetensors").read_bytes()
+    assert main(args) == 0  # a second demo reuses the finished pools
+    assert (out / "amt" / "member1" / "weights.safetensors").read_bytes() == weights
     # a failed run into the same directory leaves the earlier results untouched
     before = (out / "results.json").read_bytes()
     rc = main(["evaluate", "--out", str(out), "--set", "benchmark=custom",
@@ -86,10 +95,6 @@ def test_bad_config_key_is_a_clear_cli_error(tmp_path, caplog):
     assert "n_taks" in caplog.text and "valid keys" in caplog.text
 
 
-TRAIN = ["--set", "train.episodes_per_epoch=4", "--set", "train.warmup_epochs=0.5", "--set", "train.val_every=2",
-         "--set", "train.val_tasks=2", "--set", "train.n_query=2", "--set", "train.checkpoint_every=2",
-         "--set", "pool.eps=[0.004, 0.03]"]
-
 
 def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, capsys):
     from amt.train import MANIFEST_FILE
@@ -111,7 +116,7 @@ def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, ca
         keys = load_file(str(out / f"member{i}" / "weights.safetensors"))
         assert "head.scale" in keys and any(k.endswith("attn.qkv.lora_A") for k in keys)
     printed = capsys.readouterr().out
-    assert "| member1 | 7.65 | 4 |" in printed  # 0.03 × 255
+    assert "| member1 | 7.65 | 4 |" in printed  # 0.03 × 255, 3 significant digits
     assert main(["train", *common, "--member", "7"]) == 2
 
     clean = tmp_path / "clean"

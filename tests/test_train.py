@@ -241,3 +241,14 @@ def test_member_weights_round_trip_and_the_pool_checks_its_backbone(data, tmp_pa
     check_fingerprint({"backbone_fingerprint": "abc"}, "abc", tmp_path)
     with pytest.raises(ConfigError, match="trained from backbone abc"):
         check_fingerprint({"backbone_fingerprint": "abc"}, "def", tmp_path)
+
+
+def test_resume_refuses_another_configuration_and_keep_last_writes_the_final_weights(data, tmp_path):
+    _run(_model(), tmp_path, data, stop_after=2)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.05 -> 0.01"):
+        _run(_model(), tmp_path, data, cfg=dataclasses.replace(TINY, lr=0.01), resume=True)
+    model = _model()
+    _, spec = _run(model, tmp_path / "last", data, cfg=dataclasses.replace(TINY, keep="last", val_every=2))
+    saved = load_file(str(spec.out_dir / "weights.safetensors"))
+    final = adapter_state_dict(model, "member0")
+    assert all(torch.equal(saved["lora." + k], v) for k, v in final.items())

@@ -200,6 +200,7 @@ class TrainConfig:
     n_query: int = 15
     val_every: int = 500  # episodes between validations on the validation classes
     val_tasks: int = 100  # fixed, seeded validation tasks per validation
+    keep: str = "best"  # weights written as the member: "best" validation accuracy (paper) | "last" episode
     checkpoint_every: int = 100  # episodes between (atomic) resumable checkpoints
     seed: int = 0  # episodes, attack noise and initialisation; member i uses seed + i
 

@@ -42,21 +42,23 @@ def markdown_table(results: dict) -> str:
 
 def training_table(manifest: dict) -> str:
     """Markdown table of a trained pool (``pool.json``): one row per member with its attack and end points."""
-    lines = ["| member | attack ε (×255) | episodes | best val acc (episode) | final loss | final CE | final KL "
-             "| scale | seconds |", "|" + "---|" * 9]
+    lines = ["| member | attack ε (×255) | episodes | best val acc (episode) | kept: val acc (episode) | final loss "
+             "| final CE | final KL | scale | seconds |", "|" + "---|" * 10]
     for m in manifest["members"]:
         attack = m.get("attack")
         if attack is None:
             eps = "clean"
         elif "strategy" in attack:
-            eps = "random of " + ", ".join(f"{e * 255:g}" for e in attack["eps"])
+            eps = "random of " + ", ".join(f"{e * 255:.3g}" for e in attack["eps"])
         else:
-            eps = f"{attack['eps'] * 255:g}"
+            eps = f"{attack['eps'] * 255:.3g}"
         final = m.get("final") or {}
         best = m.get("best", {})
+        kept = m.get("kept") or {}
+        kept_acc = "—" if kept.get("val_acc") is None else f"{kept['val_acc']:.2f}"
         lines.append(
             f"| {m['name'] or 'backbone'} | {eps} | {m['episodes']}{'' if m.get('finished') else ' (unfinished)'} "
-            f"| {best.get('val_acc', float('nan')):.2f} ({best.get('episode', '—')}) "
+            f"| {best.get('val_acc', float('nan')):.2f} ({best.get('episode', '—')}) | {kept_acc} ({kept.get('episode', '—')}) "
             f"| {final.get('loss', float('nan')):.3f} | {final.get('ce', float('nan')):.3f} "
             f"| {final.get('kl', float('nan')):.4f} | {m.get('scale', float('nan')):.2f} | {m.get('seconds', 0):.0f} |")
     return "\n".join(lines)

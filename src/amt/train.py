@@ -294,6 +294,8 @@ def train_member(
         stop_after: stop (after checkpointing) once this many episodes are done — for time-sliced jobs.
     Returns a summary dict (episodes, best validation accuracy, final metrics, seconds).
     """
+    if cfg.keep not in ("best", "last"):
+        raise ConfigError(f"train.keep must be 'best' or 'last', got {cfg.keep!r}")
     if cfg.mode == "full" and perturb.enabled:
         raise ConfigError("APSV perturbs LoRA factors: set perturb.enabled=false with train.mode='full' (PMF)")
     out = spec.out_dir
@@ -313,12 +315,14 @@ def train_member(
     sampler = FixedSampler(train_set.indices_by_class(), cfg.n_way, cfg.n_shot, cfg.n_query, episode_gen,
                            train_set.name + " (train)")
     tasks = validation_tasks(val_set, cfg, cfg.seed + 7919)
-    start_episode, best, final = 0, {"val_acc": -1.0, "episode": -1}, None
+    start_episode, best, final, kept = 0, {"val_acc": -1.0, "episode": -1}, None, None
+    setup = _setup(cfg, pool, perturb, head, spec)
     torch.manual_seed(seed)  # training transforms draw from the global generator
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        _check_same_setup(state.get("setup", {}), setup, out)
         _restore(model, spec, scale, opt, state, episode_gen, attack_gen)
-        start_episode, best, final = int(state["episode"]), dict(state["best"]), state.get("final")
+        start_episode, best, final, kept = int(state["episode"]), dict(state["best"]), state["final"], state["kept"]
         _truncate_metrics(metrics_path, start_episode)
         log.info("%s: resumed at episode %d of %d", out.name, start_episode, total)
     elif metrics_path.exists():
@@ -347,23 +351,45 @@ def train_member(
             record["val_acc"] = validate(model, val_set, tasks)
             if record["val_acc"] > best["val_acc"]:
                 best = {"val_acc": record["val_acc"], "episode": done}
+            if best["episode"] == done if cfg.keep == "best" else done == total:
                 _atomic_safetensors(_weights(model, spec, scale), weights_path,
                                     {"episode": str(done), "val_acc": f"{record['val_acc']:.4f}"})
+                kept = {"val_acc": record["val_acc"], "episode": done}
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == end:
-            _atomic_save(_state(model, spec, scale, opt, done, best, final, episode_gen, attack_gen), state_path)
+            _atomic_save(_state(model, spec, scale, opt, done, best, final, kept, episode_gen, attack_gen, setup), state_path)
     bar.close()
     finished = end >= total
     if finished and not weights_path.exists():  # no validation ran (tiny runs): keep the final weights
         _atomic_safetensors(_weights(model, spec, scale), weights_path, {"episode": str(end)})
-    return {"episodes": end, "finished": finished, "best": best,
+        kept = {"val_acc": None, "episode": end}
+    return {"episodes": end, "finished": finished, "best": best, "kept": kept,
             "final": final, "scale": float(scale.detach()),
             "seconds": time.perf_counter() - begin}
 
 
-def _state(model, spec, scale, opt, episode, best, final, episode_gen, attack_gen) -> dict:
-    return {"episode": episode, "best": best, "final": final, "weights": _weights(model, spec, scale),
+def _setup(cfg: TrainConfig, pool: PoolConfig, perturb: PerturbConfig, head: HeadConfig, spec: MemberSpec) -> dict:
+    """What a resumed run must share with the run it continues (everything but the checkpoint cadence)."""
+    flat = {}
+    for section, value in (("train", cfg), ("pool", pool), ("perturb", perturb), ("head", head)):
+        for key, v in to_dict(value).items():
+            if (section, key) != ("train", "checkpoint_every"):
+                flat[f"{section}.{key}"] = json.dumps(v)
+    flat["member"] = json.dumps([spec.index, spec.name])
+    return flat
+
+
+def _check_same_setup(saved: dict, current: dict, where: Path) -> None:
+    diff = [f"{k}: {saved.get(k)} -> {current.get(k)}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+    if diff:
+        raise ConfigError(f"{where} was trained with another configuration ({'; '.join(diff[:6])}); resume with the "
+                          "same settings, or train into another output directory")
+
+
+def _state(model, spec, scale, opt, episode, best, final, kept, episode_gen, attack_gen, setup) -> dict:
+    return {"episode": episode, "best": best, "final": final, "kept": kept, "setup": setup, "weights": _weights(model, spec, scale),
             "optimizer": opt.state_dict(), "episode_rng": episode_gen.get_state(),
             "attack_rng": attack_gen.get_state(), "torch_rng": torch.get_rng_state()}
 
