@@ -1,5 +1,6 @@
 import json
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch
 from amt.config import DataConfig, DomainConfig, EvalConfig
 from amt.data.datasets import load_domain
 from amt.evaluate import evaluate, mean_ci95, query_budget, task_seed, write_results
-from amt.head import protonet_logits
+from amt.head import cosine_logits, prototypes
+from amt.merge import TaskRecord
 from amt.report import markdown_table
 
 from conftest import write_image_folder
@@ -26,21 +28,35 @@ def test_task_seed_is_stable_and_distinct():
                 task_seed(0, "latin", 1)}) == 4
 
 
-def _mean_colour(episode):
-    """A 'method' that classifies by mean colour: reliable on the colour-coded test folders."""
-    f = lambda x: x.mean(dim=(2, 3))  # noqa: E731
-    return protonet_logits(f(episode.support_images), episode.support_labels, f(episode.query_images), episode.n_way)
+class _Features:
+    """A method from a fixed feature map (cosine ProtoNet on top)."""
+
+    tunable = False
+
+    def __init__(self, f):
+        self.f = f
+
+    @contextmanager
+    def adapt(self, support_images, support_labels, n_way, generator):
+        protos = prototypes(self.f(support_images), support_labels, n_way)
+        yield (lambda x: cosine_logits(self.f(x), protos)), TaskRecord()
 
 
-def _chance(episode):
-    return torch.zeros(len(episode.query_labels), episode.n_way)
+class _Chance(_Features):
+    @contextmanager
+    def adapt(self, support_images, support_labels, n_way, generator):
+        yield (lambda x: torch.zeros(len(x), n_way)), TaskRecord()
+
+
+_mean_colour = _Features(lambda x: x.mean(dim=(2, 3)))  # reliable on the colour-coded test folders
+_chance = _Chance(None)
 
 
 def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", 6, [12, 12, 12, 12, 12, 8])
     ds = load_domain(DomainConfig("d", str(root), in_domain=True), DataConfig(image_size=8, resize_ratio=1.0))
     assert query_budget(ds, 5, 1, 15) == 7
-    cfg = EvalConfig(n_tasks=6, n_way=5, shots=(1, 5), n_query=15)
+    cfg = EvalConfig(n_tasks=6, n_way=5, shots=(1, 5), n_query=15, corruptions=())
     res = evaluate({"colour": _mean_colour, "chance": _chance}, [(DomainConfig("d", str(root), in_domain=True), ds)], cfg)
     rows = {(r["method"], r["n_shot"]): r for r in res["results"]}
     assert rows[("colour", 1)]["n_query"] == 7 and rows[("colour", 5)]["n_query"] == 3
@@ -54,3 +70,66 @@ def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, c
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| colour | 5w1s |" in table and "7 queries per class" in table
     assert markdown_table(res) in table
+
+
+# ---------------------------------------------------------------------------- attacks through the evaluator
+
+
+@pytest.fixture(scope="module")
+def glyph_greek(tmp_path_factory):
+    """Greek glyph test and validation classes of a small generated benchmark, and the shipped backbone."""
+    from amt.backbone import Backbone, build_vit, load_checkpoint
+    from amt.config import GlyphConfig
+    from amt.data.glyphs import build_glyph_benchmark, glyph_domains
+    from amt.pipeline import embedded_asset
+
+    root = build_glyph_benchmark(GlyphConfig(max_source_classes=14, max_classes_per_domain=16),
+                                 tmp_path_factory.mktemp("glyphs"))
+    greek = [d for d in glyph_domains(root)[1] if d.name == "greek"][0]
+    data = DataConfig(image_size=32, resize_ratio=1.0)
+    model = Backbone(build_vit("amt_glyph_vit", 32), (0.5,) * 3, (0.5,) * 3)
+    load_checkpoint(model.vit, embedded_asset("glyph_vit.safetensors"))
+    return greek, load_domain(greek, data), load_domain(greek, data, split="val"), model
+
+
+def _robust(glyph_greek, eps_list, steps=10, n_tasks=6):
+    from amt.config import AttackConfig
+    from amt.merge import BackboneMethod
+
+    greek, ds, _, model = glyph_greek
+    cfg = EvalConfig(n_tasks=n_tasks, shots=(1,), n_query=5, corruptions=(), eps_sweep=tuple(eps_list), l2_eps=(),
+                     adv_tasks=n_tasks, sweep_tasks=n_tasks)
+    attack = AttackConfig(eps=eps_list[0], step_size=eps_list[0] / 10, steps=steps)
+    res = evaluate({"PM": BackboneMethod(model)}, [(greek, ds)], cfg, attack)
+    rows = [r for r in res["results"] if r["condition"] == "adversarial"]
+    return {r["attack"]["eps"]: r["mean"] for r in rows}, [r for r in res["results"] if r["condition"] == "clean"][0]
+
+
+def test_gradient_masking_sanity_robust_accuracy_falls_with_eps_and_vanishes_at_large_eps(glyph_greek):
+    eps = [1 / 255, 4 / 255, 16 / 255, 64 / 255]
+    acc, clean = _robust(glyph_greek, eps)
+    series = [clean["mean"]] + [acc[e] for e in eps]
+    assert all(b <= a + 2.0 for a, b in zip(series, series[1:])), series  # never rises beyond noise
+    assert series[1] > 50.0 and acc[64 / 255] < 5.0, series
+
+
+def test_gradient_masking_sanity_more_steps_do_not_help_the_model(glyph_greek):
+    few, _ = _robust(glyph_greek, [4 / 255], steps=5)
+    many, _ = _robust(glyph_greek, [4 / 255], steps=40)
+    assert many[4 / 255] <= few[4 / 255] + 2.0
+
+
+def test_validation_tasks_never_overlap_the_test_tasks(glyph_greek):
+    from amt.data.episodes import FixedSampler
+    from amt.evaluate import validation_seed
+
+    greek, test_set, val_set, _ = glyph_greek
+    assert not set(test_set.class_names) & set(val_set.class_names)  # a validation split: other classes
+
+    def stream(seed):  # the support sets of the first 100 tasks of a task stream on the test classes
+        s = FixedSampler(test_set.indices_by_class(), 5, 1, 5, torch.Generator().manual_seed(seed), "greek")
+        return {tuple(s.sample().support_indices.tolist()) for _ in range(100)}
+
+    # without a validation split the same classes are used, with a task stream that shares no task
+    for shot in (1, 5):
+        assert not stream(task_seed(0, "greek", shot)) & stream(validation_seed(0, "greek", shot))

@@ -19,7 +19,12 @@ TRAIN = ["--set", "train.episodes_per_epoch=4", "--set", "train.warmup_epochs=0.
          "--set", "train.val_tasks=2", "--set", "train.n_query=2", "--set", "train.checkpoint_every=2",
          "--set", "pool.eps=[0.004, 0.03]"]
 SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_per_domain=7",
-         "--set", "glyphs.samples_per_class=8", "--set", "eval.n_tasks=3", "--set", "eval.n_query=3"]
+         "--set", "glyphs.samples_per_class=8", "--set", "eval.n_tasks=3", "--set", "eval.n_query=3",
+         "--set", "eval.adv_tasks=2", "--set", "eval.sweep_tasks=1", "--set", "eval.eps_sweep=[0.03]",
+         "--set", "eval.l2_eps=[0.5]", "--set", "eval.corruption_tasks=1", "--set", "eval.val_tasks=2",
+         "--set", "eval.corruptions=[gaussian_noise, fog]", "--set", "eval.severities=[1, 5]",
+         "--set", "merge.lambda_grid=[0.5]", "--set", "merge.beta_grid=[6]", "--set", "merge.rho_grid=[1.0, 0.5]",
+         "--set", "merge.trim_layers_grid=[mlp]", "--set", "merge.pseudo_per_image=1"]
 
 
 def test_shipped_backbone_loads_strictly_and_matches_its_record():
@@ -39,15 +44,27 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     domains = {r["domain"] for r in results["results"]}
     assert len(domains) >= 5 and {r["n_shot"] for r in results["results"]} == {1, 5}
-    assert all(len(r["accuracies"]) == 3 for r in results["results"])
+    expected = {"clean": 3, "adversarial": 2, "corruption": 1}
+    for r in results["results"]:
+        n = 1 if r["condition"] == "adversarial" and not r["attack"]["headline"] else expected[r["condition"]]
+        assert len(r["accuracies"]) == n == r["n_tasks"], r
+    assert {r["method"] for r in results["results"]} == {"PM", "Clean LoRA", "AMT"}
+    conditions = {(r["condition"], (r.get("corruption") or {}).get("name")) for r in results["results"]}
+    assert conditions == {("clean", None), ("adversarial", None), ("corruption", "gaussian_noise"),
+                          ("corruption", "fog")}
+    merge = results["merge"]["AMT"]["latin"]
+    assert merge["validation_tasks"] == "validation classes" and set(merge["chosen"]) >= {"lambda", "rho"}
+    assert all(abs(sum(z) - 1) < 1e-5 for z in merge["coefficients"]["1"])
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "accuracy_vs_eps.png").is_file()
     assert (out / "config.yaml").is_file() and "amt_glyph_vit" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out
-    assert "| PM | 5w1s |" in printed and "latin (ID)" in printed
+    assert "AMT" in printed and "Clean LoRA" in printed and "PGD" in printed
     assert "Meta-tuning `amt`" in printed and "| member1 | 7.65 |" in printed and "| member0 | clean |" in printed
     pool = json.loads((out / "amt" / "pool.json").read_text())
     assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])
     weights = (out / "amt" / "member1" / "weights.safetensors").read_bytes()
-    assert main(args) == 0  # a second demo reuses the finished pools
+    # a second run with the same settings reuses the finished pool
+    assert main(["train", "--out", str(out / "amt"), "--resume", *args[3:]]) == 0
     assert (out / "amt" / "member1" / "weights.safetensors").read_bytes() == weights
     # a failed run into the same directory leaves the earlier results untouched
     before = (out / "results.json").read_bytes()
@@ -62,7 +79,8 @@ def test_shipped_backbone_is_far_above_random_init(tmp_path):
     from amt.config import EvalConfig, HeadConfig
     from amt.data.glyphs import build_glyph_benchmark, glyph_domains
     from amt.config import GlyphConfig
-    from amt.evaluate import ProtoNetPredictor, evaluate
+    from amt.evaluate import evaluate
+    from amt.merge import BackboneMethod
 
     root = build_glyph_benchmark(GlyphConfig(max_source_classes=14, max_classes_per_domain=12), tmp_path)
     _, domains = glyph_domains(root)
@@ -73,9 +91,8 @@ def test_shipped_backbone_is_far_above_random_init(tmp_path):
     load_checkpoint(trained.vit, embedded_asset("glyph_vit.safetensors"))
     torch.manual_seed(0)
     random = Backbone(build_vit("amt_glyph_vit", 32), info["mean"], info["std"])
-    res = evaluate({"trained": ProtoNetPredictor(trained.eval(), HeadConfig()),
-                    "random": ProtoNetPredictor(random.eval(), HeadConfig())},
-                   [(greek, ds)], EvalConfig(n_tasks=20, shots=(1,), n_query=5))
+    res = evaluate({"trained": BackboneMethod(trained), "random": BackboneMethod(random)},
+                   [(greek, ds)], EvalConfig(n_tasks=20, shots=(1,), n_query=5, corruptions=()))
     acc = {r["method"]: r["mean"] for r in res["results"]}
     assert acc["trained"] > acc["random"] + 20.0
 

@@ -130,7 +130,11 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Few-shot evaluation protocol."""
+    """Few-shot evaluation protocol: clean, adversarial and corrupted queries (METHOD.md, "Evaluation").
+
+    Clean accuracy uses ``n_tasks`` tasks; the adversarial and corruption conditions use the first
+    ``adv_tasks`` / ``corruption_tasks`` of those same tasks (attacks and corruptions cost far more).
+    """
 
     n_tasks: int = 600  # tasks per domain and shot setting
     n_way: int = 5  # classes per task
@@ -138,6 +142,56 @@ class EvalConfig:
     n_query: int = 15  # queries per class (fewer where a class is small; reported)
     seed: int = 0  # seeds the task generator; every method sees the same tasks
     batch_size: int = 256  # images per backbone forward when extracting features
+    adversarial: bool = True  # evaluate the headline attack (`attack`) on the queries
+    adv_tasks: int = 600  # tasks (of the n_tasks) attacked with the headline attack
+    eps_sweep: tuple[float, ...] = (1 / 255, 2 / 255, 8 / 255)  # extra ℓ∞ radii, pixel units (step eps/10)
+    l2_eps: tuple[float, ...] = (0.5,)  # ℓ2 radii, pixel units over C·H·W (step eps/4)
+    sweep_tasks: int = 100  # tasks (of the n_tasks) for the ε sweep and the ℓ2 attack
+    corruptions: tuple[str, ...] = ("all",)  # ImageNet-C names, ("all",) = the 15, () = none
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # corruption severities
+    corruption_tasks: int = 100  # tasks (of the n_tasks) evaluated under every corruption
+    val_tasks: int = 50  # validation tasks per domain for choosing merge hyper-parameters
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Test-time merging of the pool (METHOD.md, Algorithm 2) and singular-value trimming.
+
+    ``lambda_``, ``beta``, ``rho`` and ``trim_layers`` are chosen per domain from the ``*_grid`` values on
+    validation tasks (``EvalConfig.val_tasks``) unless the grid has a single point.
+    """
+
+    top_k: int = 2  # members merged per task
+    lambda_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # λ: weight of compactness vs divergence
+    beta_grid: tuple[float, ...] = (1.0, 4.0, 8.0, 12.0)  # β: sharpness of u = exp(-β(1 - score))
+    rho_grid: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)  # ρ: fraction of singular values kept (1 = no trim)
+    trim_layers_grid: tuple[str, ...] = ("attn", "mlp", "all")  # layer groups trimmed when ρ < 1
+    pseudo_per_image: int = 4  # augmented copies of each support image used as pseudo-queries
+    aug_prob: float = 0.9  # probability that a pseudo-query is augmented at all
+    translate: float = 0.125  # max translation, fraction of the image side
+    hflip: bool = True  # random horizontal flip in the augmentation (off for glyphs)
+    color_jitter: float = 0.4  # brightness/contrast/saturation jitter strength
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One evaluated row: the pre-trained backbone (PM) or a trained pool with a merging rule."""
+
+    name: str = "PM"  # row label in tables
+    pool: str | None = None  # directory written by `amt train` (pool.json); None = the bare backbone (PM)
+    rule: str = "amt"  # with a pool: "amt" (merge + trim, Algorithm 2) | "uniform" (weight average) |
+    #                    "logit_avg" | "min_support_ce" (no TTM: one member per task) | "single"
+    member: int = 0  # the member used by rule "single"
+    finetune: bool = False  # PMF-style test-time fine-tuning on the support set (AMT-FT, PMF+FT)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """PMF-style test-time fine-tuning: Adam on the backbone, augmented support images as pseudo-queries."""
+
+    steps: int = 20  # Adam steps per task
+    lr: float = 1e-4  # Adam learning rate
+    lr_grid: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3)  # chosen per domain on validation tasks
 
 
 @dataclass(frozen=True)
@@ -220,7 +274,10 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack
+    attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack (the headline PGD)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    methods: tuple[MethodConfig, ...] = (MethodConfig(),)  # rows evaluated by `amt evaluate`
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # APSV during meta-tuning
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from amt.backbone import build_backbone, fingerprint, save_backbone
-from amt.config import ConfigError, ExperimentConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
+from amt.config import ConfigError, ExperimentConfig, MethodConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
 from amt.data.datasets import load_domain
-from amt.evaluate import ProtoNetPredictor, evaluate, write_results
+from amt.evaluate import evaluate, write_results
 from amt.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,60 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def build_methods(cfg: ExperimentConfig) -> dict:
+    """The evaluated rows of ``cfg.methods``: each on its own copy of the configured backbone."""
+    from amt.finetune import FinetunedMethod
+    from amt.merge import BackboneMethod, PoolMethod
+    from amt.train import load_pool
+
+    methods = {}
+    for m in cfg.methods:
+        if m.name in methods:
+            raise ConfigError(f"two evaluated methods are named {m.name!r}; give each a distinct `name`")
+        backbone = build_backbone(cfg.backbone).eval()
+        if m.pool is None:
+            method = BackboneMethod(backbone, cfg.head.scale)
+        else:
+            names = load_pool(backbone, m.pool, fingerprint(backbone.vit))
+            method = PoolMethod(backbone, names, m.rule, cfg.merge, m.member, cfg.head.scale)
+        if m.finetune:
+            if getattr(method, "rule", None) == "logit_avg":
+                raise ConfigError(f"{m.name}: test-time fine-tuning needs one model per task; rule 'logit_avg' has several")
+            method = FinetunedMethod(method, cfg.finetune, cfg.merge)
+        methods[m.name] = method
+    return methods
+
+
+def validation_sets(domains, cfg: ExperimentConfig) -> dict:
+    """Per domain: (validation dataset, description). A domain's "val" class split when it has one with
+    enough classes, else its test classes (the evaluation then draws them with a different seed)."""
+    from amt.data.datasets import load_splits
+
+    out = {}
+    for d, dataset in domains:
+        if d.splits is not None and "val" in load_splits(d.splits):
+            val = load_domain(d, cfg.data, train=False, split="val")
+            if len(val.class_names) >= cfg.eval.n_way:
+                out[d.name] = (val, "validation classes")
+                continue
+        out[d.name] = (dataset, "test classes, different seed")
+    return out
+
+
 def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
-    """PM evaluation (pre-trained backbone + cosine ProtoNet) on every domain; writes results."""
+    """Evaluate ``cfg.methods`` (PM and trained pools) on every domain: clean, adversarial, corrupted."""
     cfg = resolve(cfg)
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.eval.seed)
-    backbone = build_backbone(cfg.backbone).eval()
+    methods = build_methods(cfg)
     domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
-    methods = {"PM": ProtoNetPredictor(backbone, cfg.head, cfg.eval.batch_size)}
-    results = evaluate(methods, domains, cfg.eval)
+    tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
+    validation = validation_sets(domains, cfg) if tunable else {}
+    results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation)
+    first = build_backbone(cfg.backbone)
     results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
-                           "fingerprint": fingerprint(backbone.vit)}
+                           "fingerprint": fingerprint(first.vit)}
+    results["methods"] = [to_dict(m) for m in cfg.methods]
     write_results(results, out_dir)
     save_config(cfg, out_dir / "config.yaml")
     return results
@@ -109,19 +152,27 @@ def with_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     return from_dict(ExperimentConfig, merge_dicts(to_dict(cfg), variant_overrides(name)))
 
 
+def demo_methods(out: Path) -> tuple[MethodConfig, ...]:
+    """The rows of the demo's table: PM, the clean-LoRA baseline, and AMT (merged + trimmed pool)."""
+    return (MethodConfig("PM"), MethodConfig("Clean LoRA", pool=str(out / "clean_lora"), rule="single"),
+            MethodConfig("AMT", pool=str(out / "amt"), rule="amt"))
+
+
 def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
-    """The main job on the embedded default: PM evaluation, then meta-tuning of the AMT pool and the
-    clean-LoRA baseline (reused when a finished run with the same settings is already in ``out_dir``).
-    Returns the printed tables."""
-    from amt.report import training_table
+    """The main job on the embedded default: meta-tune the AMT pool and the clean-LoRA baseline (reused when a
+    finished run with the same settings is already in ``out_dir``), evaluate PM / clean LoRA / AMT on clean,
+    adversarial and corrupted queries in and out of domain, and render the report. Returns the printed text."""
+    from amt.report import render_report, training_table
 
     start = time.perf_counter()
     out = Path(out_dir)
-    results = run_evaluate(cfg, out)
-    tables = [markdown_table(results)]
+    tables = []
     for name in DEMO_VARIANTS:
         manifest = run_train(with_variant(cfg, name), out / name, resume=True)
         tables.append(f"Meta-tuning `{name}` ({out / name}):\n\n{training_table(manifest)}")
+    run_evaluate(dataclasses.replace(cfg, methods=demo_methods(out)), out)
+    tables.append(render_report(out / "results.json", out / "report"))
+    tables.append(f"Full report: {out / 'report' / 'report.md'}")
     log.info("demo finished in %.0f s; results in %s", time.perf_counter() - start, out)
     return "\n\n".join(tables)
 

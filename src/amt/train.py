@@ -322,7 +322,7 @@ def train_member(
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_same_setup(state.get("setup", {}), setup, out)
         _restore(model, spec, scale, opt, state, episode_gen, attack_gen)
-        start_episode, best, final, kept = int(state["episode"]), dict(state["best"]), state["final"], state["kept"]
+        start_episode, best, final, kept = int(state["episode"]), dict(state["best"]), state.get("final"), state.get("kept")
         _truncate_metrics(metrics_path, start_episode)
         log.info("%s: resumed at episode %d of %d", out.name, start_episode, total)
     elif metrics_path.exists():
@@ -464,3 +464,34 @@ def check_fingerprint(manifest: dict, fingerprint: str, where: Path) -> None:
         raise ConfigError(
             f"{where} was trained from backbone {manifest['backbone_fingerprint']} but the configured backbone is "
             f"{fingerprint}; use the same backbone.arch/checkpoint as the pool, or train a new pool")
+
+
+def load_pool(model: nn.Module, pool_dir: str | Path, fingerprint: str) -> list[str]:
+    """Put the trained pool of ``pool_dir`` (``amt train --out``) onto ``model``; return the member names.
+
+    Checks the backbone fingerprint, injects the adapters with the pool's own LoRA settings and loads every
+    member's ``weights.safetensors`` strictly. An unfinished or missing member is an error.
+    """
+    from amt.lora import inject_lora
+
+    pool_dir = Path(pool_dir)
+    path = pool_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: train the pool first (amt train --out {pool_dir})")
+    manifest = json.loads(path.read_text())
+    check_fingerprint(manifest, fingerprint, pool_dir)
+    if manifest["mode"] != "lora":
+        raise ConfigError(f"{pool_dir} holds a full fine-tuned backbone (train.mode={manifest['mode']!r}), not a LoRA pool")
+    members = manifest["members"]
+    unfinished = [m["name"] for m in members if not m.get("finished")]
+    if not members or unfinished:
+        raise ConfigError(f"{pool_dir}: members {unfinished or 'none'} are not finished; resume with "
+                          f"`amt train --out {pool_dir} --resume`")
+    lora = manifest["config"]["lora"]
+    names = [m["name"] for m in sorted(members, key=lambda m: m["index"])]
+    inject_lora(model.vit if hasattr(model, "vit") else model, tuple(lora["targets"]), names, lora["rank"],
+                lora["scaling"], lora["init"])
+    for name in names:
+        load_member_weights(model, name, pool_dir / name / WEIGHTS_FILE)
+    log.info("loaded pool %s: %s", pool_dir, names)
+    return names

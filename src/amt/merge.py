@@ -1,0 +1,299 @@
+"""Test-time merging of the robust LoRA pool (METHOD.md, Algorithm 2), singular-value trimming, other rules.
+
+Per task, from the support set only:
+
+1. pseudo-queries: ``pseudo_per_image`` augmented copies of every support image (random flip, colour
+   jitter, translation up to ``translate`` of the side; each copy augmented with probability ``aug_prob``)
+   — needed because with one shot a support image *is* its prototype;
+2. for every member i (its adapter active): prototypes p_{i,c} from the clean support, then
+   C_i = mean cosine of the pseudo-queries to their own prototype (compactness) and
+   V_i = mean over pseudo-queries of the mean cosine to the N−1 other prototypes (divergence);
+3. score_i = λ·C_i − (1−λ)·V_i, u_i = exp(−β(1 − score_i)); keep the top-k, ζ = u / Σ_topk u;
+4. W' = W_res + Σ ζ_i B_i A_i in every adapted layer (:func:`amt.lora.merged`, restored bit-for-bit);
+5. singular-value trimming of W' on the chosen layer group: keep the top ρ fraction of singular values.
+
+Other rules (:data:`RULES`): ``uniform`` (weight average of all members), ``logit_avg`` (average of the
+members' logits; an ensemble, no merge), ``min_support_ce`` (the "no TTM" ablation: the one member with
+the lowest pseudo-query cross-entropy), ``single`` (a fixed member).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from amt.config import MergeConfig
+from amt.head import cosine_logits, prototypes
+from amt.lora import active_adapter, lora_layers, merged
+
+log = logging.getLogger(__name__)
+
+RULES = ("amt", "uniform", "logit_avg", "min_support_ce", "single")
+TRIM_GROUPS: dict[str, tuple[str, ...]] = {  # layer groups for trimming, by module-name suffix
+    "none": (),
+    "attn": ("attn.qkv", "attn.proj"),
+    "mlp": ("mlp.fc1", "mlp.fc2"),
+    "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pseudo-queries and member scores
+# ----------------------------------------------------------------------------------------------
+
+
+def pseudo_queries(images: Tensor, labels: Tensor, cfg: MergeConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Augmented copies of the support images ``[S, 3, H, W]`` in [0, 1] → ``([S·m, 3, H, W], [S·m])``.
+
+    Each copy is augmented with probability ``cfg.aug_prob``: horizontal flip (if ``cfg.hflip``, p = 0.5),
+    brightness/contrast/saturation factors uniform in [1 − j, 1 + j] (j = ``cfg.color_jitter``), and an
+    integer translation of up to ``cfg.translate`` of the side with edge replication.
+    """
+    m = cfg.pseudo_per_image
+    if m < 1:
+        raise ValueError(f"merge.pseudo_per_image must be >= 1, got {m}")
+    x = images.repeat(m, 1, 1, 1)
+    y = labels.repeat(m)
+    n, _, h, w = x.shape
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(x.device)  # noqa: E731
+    on = (rand(n) < cfg.aug_prob).view(n, 1, 1, 1)
+    out = x
+    if cfg.hflip:
+        flip = (rand(n) < 0.5).view(n, 1, 1, 1)
+        out = torch.where(flip, out.flip(-1), out)
+    j = cfg.color_jitter
+    if j > 0:
+        factor = lambda: (1 + j * (2 * rand(n) - 1)).view(n, 1, 1, 1)  # noqa: E731
+        out = (out * factor()).clamp(0, 1)  # brightness
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * factor() + mean).clamp(0, 1)  # contrast
+        gray = out.mean(dim=1, keepdim=True)
+        out = ((out - gray) * factor() + gray).clamp(0, 1)  # saturation
+    shift = int(round(cfg.translate * min(h, w)))
+    if shift > 0:
+        padded = F.pad(out, (shift, shift, shift, shift), mode="replicate")
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return torch.where(on, out, x), y
+
+
+@dataclass
+class MemberScores:
+    """Per-member support statistics of one task (each ``[P]``)."""
+
+    compactness: Tensor  # C_i: mean cosine of pseudo-queries to their own prototype
+    divergence: Tensor  # V_i: mean cosine of pseudo-queries to the other prototypes
+    support_ce: Tensor  # cross-entropy of the pseudo-queries (scale 10), for the "no TTM" rule
+
+
+@torch.no_grad()
+def member_scores(
+    model: nn.Module, names: Sequence[str], support_images: Tensor, support_labels: Tensor, n_way: int,
+    pseudo_images: Tensor, pseudo_labels: Tensor,
+) -> MemberScores:
+    """C_i, V_i and the pseudo-query CE of every member (one forward of support + pseudo-queries each)."""
+    if n_way < 2:
+        raise ValueError("merging needs at least 2 classes per task (V_i averages over the other classes)")
+    c, v, ce = [], [], []
+    n_s = len(support_images)
+    images = torch.cat([support_images, pseudo_images])
+    for name in names:
+        with active_adapter(model, name):
+            feats = model(images)
+        protos = prototypes(feats[:n_s], support_labels, n_way)
+        cos = cosine_logits(feats[n_s:], protos, 1.0)  # [M, N]
+        own = cos.gather(1, pseudo_labels[:, None]).squeeze(1)
+        c.append(own.mean())
+        v.append(((cos.sum(1) - own) / (n_way - 1)).mean())
+        ce.append(F.cross_entropy(10.0 * cos, pseudo_labels))
+    return MemberScores(torch.stack(c), torch.stack(v), torch.stack(ce))
+
+
+def merge_coefficients(scores: MemberScores, lambda_: float, beta: float, top_k: int) -> Tensor:
+    """ζ ``[P]``: score = λC − (1−λ)V, u = exp(−β(1 − score)), top-k kept and normalised, zeros elsewhere."""
+    score = lambda_ * scores.compactness - (1 - lambda_) * scores.divergence
+    u = torch.exp(-beta * (1 - score.double()))
+    k = max(1, min(top_k, len(u)))
+    keep = torch.topk(u, k).indices
+    zeta = torch.zeros_like(u)
+    zeta[keep] = u[keep] / u[keep].sum()
+    return zeta.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Trimming
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def trim_weight(weight: Tensor, rho: float) -> Tensor:
+    """Best rank-⌈ρ·min(out, in)⌉ approximation of ``weight`` ``[out, in]`` (exact SVD, top singular values kept).
+
+    The SVD is taken on the tall orientation (for a wide matrix, of its transpose), which is faster.
+    """
+    if not 0 < rho <= 1:
+        raise ValueError(f"trim fraction rho must be in (0, 1], got {rho}")
+    wide = weight.shape[0] < weight.shape[1]
+    w = (weight.T if wide else weight).double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = max(1, math.ceil(rho * len(s)))
+    low = (u[:, :keep] * s[:keep]) @ vh[:keep]
+    return (low.T if wide else low).to(weight.dtype)
+
+
+def trimmed_layers(model: nn.Module, group: str) -> dict[str, nn.Module]:
+    if group not in TRIM_GROUPS:
+        raise ValueError(f"unknown trim layer group {group!r}; choose one of {sorted(TRIM_GROUPS)}")
+    suffixes = TRIM_GROUPS[group]
+    return {n: layer for n, layer in lora_layers(model).items() if any(n.endswith(s) for s in suffixes)}
+
+
+@torch.no_grad()
+def trim_(model: nn.Module, rho: float, group: str) -> None:
+    """Trim the merged weights of the layers in ``group`` in place (they must be merged: unmerge restores)."""
+    if rho >= 1 or group == "none":
+        return
+    for name, layer in trimmed_layers(model, group).items():
+        if not layer.merged:
+            raise RuntimeError(f"trim_: layer {name} is not merged; trim inside `merged_task`, which restores it")
+        layer.weight.copy_(trim_weight(layer.weight, rho))
+
+
+@contextmanager
+def merged_task(model: nn.Module, coefficients: dict[str, float], rho: float = 1.0, group: str = "none") -> Iterator[nn.Module]:
+    """W' = W_res + Σ ζᵢ ΔWᵢ, trimmed to the top ρ singular values on ``group``; exact restore on exit."""
+    with merged(model, coefficients):
+        trim_(model, rho, group)
+        yield model
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-task models
+# ----------------------------------------------------------------------------------------------
+
+LogitsFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class TaskRecord:
+    """What the method did for one task (JSON-ready)."""
+
+    coefficients: list[float] | None = None  # ζ per member (None: no merge)
+    extra: dict = field(default_factory=dict)
+
+
+def _protonet(model: nn.Module, support_images: Tensor, support_labels: Tensor, n_way: int, scale: float) -> LogitsFn:
+    with torch.no_grad():
+        protos = prototypes(model(support_images), support_labels, n_way)
+    return lambda x: cosine_logits(model(x), protos, scale)
+
+
+@dataclass
+class MergeParams:
+    """The per-domain hyper-parameters of the "amt" rule."""
+
+    lambda_: float = 0.5
+    beta: float = 6.0
+    rho: float = 1.0
+    trim_layers: str = "none"
+
+    def as_dict(self) -> dict:
+        return {"lambda": self.lambda_, "beta": self.beta, "rho": self.rho, "trim_layers": self.trim_layers}
+
+
+class PoolMethod:
+    """A trained pool on its backbone, classified per task by one of :data:`RULES`.
+
+    ``adapt(episode, generator)`` is a context manager yielding ``(logits_fn, record)``: ``logits_fn`` maps
+    query images ``[Q, 3, H, W]`` in [0, 1] to logits ``[Q, N]`` under the per-task model (differentiable
+    w.r.t. the images, for attacks); the base weights are restored exactly on exit.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], rule: str, cfg: MergeConfig, member: int = 0,
+                 scale: float = 10.0) -> None:
+        if rule not in RULES:
+            raise ValueError(f"unknown merge rule {rule!r}; choose one of {RULES}")
+        if rule == "single" and not 0 <= member < len(names):
+            raise ValueError(f"rule 'single' needs 0 <= member < {len(names)}, got {member}")
+        self.model, self.names, self.rule, self.cfg = model.eval().requires_grad_(False), list(names), rule, cfg
+        self.member, self.scale = member, scale
+        self.params = MergeParams()
+
+    @property
+    def tunable(self) -> bool:
+        return self.rule == "amt"
+
+    def scores(self, support_images: Tensor, support_labels: Tensor, n_way: int, generator: torch.Generator) -> MemberScores:
+        pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.cfg, generator)
+        return member_scores(self.model, self.names, support_images, support_labels, n_way, pseudo, pseudo_labels)
+
+    def coefficients(self, scores: MemberScores | None, params: MergeParams) -> Tensor:
+        p = len(self.names)
+        if self.rule == "amt":
+            return merge_coefficients(scores, params.lambda_, params.beta, self.cfg.top_k)
+        if self.rule == "uniform":
+            return torch.full((p,), 1.0 / p)
+        index = int(scores.support_ce.argmin()) if self.rule == "min_support_ce" else self.member
+        return F.one_hot(torch.tensor(index), p).float()
+
+    @contextmanager
+    def adapt_with(self, support_images: Tensor, support_labels: Tensor, n_way: int, scores: MemberScores | None,
+                   params: MergeParams) -> Iterator[tuple[LogitsFn, TaskRecord]]:
+        """The per-task model for given member scores and hyper-parameters (validation reuses the scores)."""
+        if self.rule == "logit_avg":
+            fns = []
+            for name in self.names:
+                with active_adapter(self.model, name):
+                    fns.append((name, _protonet(self.model, support_images, support_labels, n_way, self.scale)))
+
+            def logits_fn(x: Tensor) -> Tensor:
+                outs = []
+                for name, fn in fns:
+                    with active_adapter(self.model, name):
+                        outs.append(fn(x))
+                return torch.stack(outs).mean(0)
+
+            yield logits_fn, TaskRecord(None)
+            return
+        zeta = self.coefficients(scores, params)
+        coeffs = {n: float(z) for n, z in zip(self.names, zeta) if float(z) != 0.0}
+        rho, group = (params.rho, params.trim_layers) if self.rule == "amt" else (1.0, "none")
+        with merged_task(self.model, coeffs, rho, group):
+            yield _protonet(self.model, support_images, support_labels, n_way, self.scale), TaskRecord(zeta.tolist())
+
+    @contextmanager
+    def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
+              generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
+        scores = self.scores(support_images, support_labels, n_way, generator) \
+            if self.rule in ("amt", "min_support_ce") else None
+        with self.adapt_with(support_images, support_labels, n_way, scores, self.params) as out:
+            yield out
+
+
+class BackboneMethod:
+    """PM: the bare backbone with the cosine ProtoNet head (nothing to adapt)."""
+
+    tunable = False
+
+    def __init__(self, model: nn.Module, scale: float = 10.0) -> None:
+        self.model, self.scale = model.eval().requires_grad_(False), scale
+
+    @contextmanager
+    def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
+              generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
+        yield _protonet(self.model, support_images, support_labels, n_way, self.scale), TaskRecord(None)
+
+
+def merge_grid(cfg: MergeConfig) -> list[MergeParams]:
+    """Candidate hyper-parameters: every (λ, β) with no trimming, and with every (ρ < 1, layer group)."""
+    trims = [(1.0, "none")] + [(r, g) for r in cfg.rho_grid if r < 1 for g in cfg.trim_layers_grid]
+    return [MergeParams(lam, beta, rho, group) for lam in cfg.lambda_grid for beta in cfg.beta_grid
+            for rho, group in trims]
