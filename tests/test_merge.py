@@ -186,3 +186,11 @@ def test_grid_starts_without_trimming():
     grid = merge_grid(CFG)
     assert grid[0].rho == 1.0 and grid[0].trim_layers == "none"
     assert {(p.rho, p.trim_layers) for p in grid} == {(1.0, "none"), (0.5, "mlp")}
+
+
+def test_gram_and_svd_trimming_agree():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(96, 288), (384, 96), (64, 64)]:
+        w = torch.randn(*shape, generator=g)
+        for rho in (0.9, 0.5, 0.1):
+            torch.testing.assert_close(trim_weight(w, rho, "gram"), trim_weight(w, rho, "svd"), atol=1e-5, rtol=1e-5)

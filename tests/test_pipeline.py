@@ -63,6 +63,11 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     pool = json.loads((out / "amt" / "pool.json").read_text())
     assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])
     weights = (out / "amt" / "member1" / "weights.safetensors").read_bytes()
+    (out / "report" / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report" / "report.md").is_file()  # from results.json alone
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert len(results["spectra"]["AMT"]) == 2 and all(
+        a >= b for sv in results["spectra"]["AMT"].values() for a, b in zip(sv, sv[1:]))
     # a second run with the same settings reuses the finished pool
     assert main(["train", "--out", str(out / "amt"), "--resume", *args[3:]]) == 0
     assert (out / "amt" / "member1" / "weights.safetensors").read_bytes() == weights

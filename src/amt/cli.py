@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("demo", help="run the main job on the embedded glyph benchmark and print the table")
     _add_common(p, "runs/demo")
-    p = sub.add_parser("evaluate", help="clean few-shot accuracy of the pre-trained backbone (PM) per domain")
+    p = sub.add_parser("evaluate", help="few-shot accuracy of PM and trained pools (`methods:`): clean, adversarial, corrupted")
     _add_common(p, "runs/evaluate")
     p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
     _add_common(p, None)
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="checkpoint and stop once N episodes are done (continue later with --resume)")
+    p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
+    p.add_argument("run", help="run directory holding results.json (or the results file itself)")
+    p.add_argument("--out", help="report directory (default: RUN/report)")
     p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
     _add_common(p, None)
     args = parser.parse_args(argv)
@@ -53,13 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     from amt.train import TrainingError
 
     try:
+        if args.verb == "report":
+            from pathlib import Path
+
+            from amt.report import render_report
+
+            path = Path(args.run)
+            path = path / "results.json" if path.is_dir() else path
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: pass a run directory written by `amt evaluate`/`amt demo`")
+            out = Path(args.out) if args.out else path.parent / "report"
+            print(render_report(path, out))
+            print(f"\nReport: {out / 'report.md'}")
+            return 0
         cfg = _config(args)
         if args.verb == "demo":
             print(pipeline.run_demo(cfg, args.out))
         elif args.verb == "evaluate":
-            from amt.report import markdown_table
+            from pathlib import Path
 
-            print(markdown_table(pipeline.run_evaluate(cfg, args.out)))
+            from amt.report import render_report
+
+            pipeline.run_evaluate(cfg, args.out)
+            print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
         elif args.verb == "pretrain":
             pipeline.run_pretrain(cfg, args.out)
         elif args.verb == "train":

@@ -33,6 +33,7 @@ class GlyphConfig:
     max_classes_per_domain: int = 150  # cap on classes kept per out-of-domain domain (keeps generation fast)
     max_source_classes: int = 1000  # cap on classes of the source (Latin) domain, before its train/val/test split
     min_ink_pixels: int = 12  # a (font, character) counts only with this many dark pixels at 64 px per em
+    eval_domains: tuple[str, ...] = ()  # evaluated domains (Latin test classes included if listed); () = all
 
 
 @dataclass(frozen=True)

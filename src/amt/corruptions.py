@@ -128,11 +128,20 @@ def _check(images: torch.Tensor, name: str, severity: int) -> None:
                          "repeat a grey channel with images.expand(-1, 3, -1, -1)")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point with pixels in [0, 1], got dtype {images.dtype}")
-    if images.numel():
-        lo, hi = images.min().item(), images.max().item()
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (``round(255·x)``), the reference's input layout.
+
+    Done in NumPy: torch's intra-op threads cost tens of ms per small op on a busy CPU.
+    """
+    x = images.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())
         if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
             raise ValueError(f"images must have pixels in [0, 1], got min {lo:.4g}, max {hi:.4g}; "
                              "pass unnormalised images (normalisation is the backbone's first op)")
+    return np.rint(x.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
 
 
 def _corrupt_one(fn: ImageCorruption, image: np.ndarray, severity: int, seed: int) -> np.ndarray:
@@ -169,14 +178,14 @@ def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Gen
         ValueError: unknown name, severity outside 1..5, or images not a float [B, 3, H, W] in [0, 1].
     """
     _check(images, name, severity)
-    fn = CORRUPTION_FNS[name]
+    arrays = _to_uint8_hwc(images)
     b, _, h, w = images.shape
     seeds = torch.randint(0, _SEED_HIGH, (b,), generator=generator, device=generator.device).tolist()
     if min(h, w) < MIN_SIDE:
         logger.debug("corrupt: %d×%d images are under %d px; upsampling ×%d for %s",
                      h, w, MIN_SIDE, math.ceil(MIN_SIDE / min(h, w)), name)
-    pixels = (images.detach().float().cpu() * 255.0).round().clamp_(0, 255).to(torch.uint8)
-    arrays = pixels.permute(0, 2, 3, 1).contiguous().numpy()  # [B, H, W, 3] uint8, the reference's layout
+    fn = CORRUPTION_FNS[name]
     corrupted = [_corrupt_one(fn, a, int(severity), s) for a, s in zip(arrays, seeds)]
     out = np.stack(corrupted) if corrupted else np.zeros((0, h, w, 3), dtype=np.float32)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype).contiguous()
+    out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # [B, 3, H, W]
+    return torch.from_numpy(out).to(device=images.device, dtype=images.dtype)

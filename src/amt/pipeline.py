@@ -40,6 +40,12 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
 
         root = build_glyph_benchmark(cfg.glyphs, cfg.cache_dir)
         train, domains = glyph_domains(root)
+        if cfg.glyphs.eval_domains:
+            unknown = sorted(set(cfg.glyphs.eval_domains) - {d.name for d in domains})
+            if unknown:
+                raise ConfigError(f"glyphs.eval_domains: unknown domain(s) {unknown}; the benchmark has "
+                                  f"{[d.name for d in domains]}")
+            domains = tuple(d for d in domains if d.name in cfg.glyphs.eval_domains)
         cfg = dataclasses.replace(cfg, train_domain=cfg.train_domain or train, domains=cfg.domains or domains)
     elif cfg.benchmark != "custom":
         raise ConfigError(f"benchmark must be 'glyphs' or 'custom', got {cfg.benchmark!r}")
@@ -79,6 +85,22 @@ def build_methods(cfg: ExperimentConfig) -> dict:
     return methods
 
 
+def pool_spectra(methods: dict) -> dict:
+    """Per pool method: singular values of its uniformly merged weights in the last block's qkv and fc1."""
+    from amt.lora import lora_layers
+    from amt.merge import merged_spectra
+
+    out = {}
+    for name, method in methods.items():
+        inner = getattr(method, "inner", method)
+        if not hasattr(inner, "names"):
+            continue
+        layers = list(lora_layers(inner.model))
+        last = [n for n in layers if n.endswith(("attn.qkv", "mlp.fc1"))][-2:]
+        out[name] = merged_spectra(inner.model, {n: 1.0 / len(inner.names) for n in inner.names}, last)
+    return out
+
+
 def validation_sets(domains, cfg: ExperimentConfig) -> dict:
     """Per domain: (validation dataset, description). A domain's "val" class split when it has one with
     enough classes, else its test classes (the evaluation then draws them with a different seed)."""
@@ -109,6 +131,7 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
                            "fingerprint": fingerprint(first.vit)}
     results["methods"] = [to_dict(m) for m in cfg.methods]
+    results["spectra"] = pool_spectra(methods)
     write_results(results, out_dir)
     save_config(cfg, out_dir / "config.yaml")
     return results

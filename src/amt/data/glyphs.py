@@ -408,7 +408,7 @@ def config_hash(cfg: GlyphConfig, paths: list[Path]) -> str:
     """Digest of everything that determines the benchmark: version, configuration, font files."""
     payload = {
         "version": GLYPH_VERSION,
-        "config": to_dict(cfg),
+        "config": {k: v for k, v in to_dict(cfg).items() if k != "eval_domains"},  # selection, not content
         "fonts": [[p.name, p.stat().st_size] for p in paths],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
