@@ -146,3 +146,17 @@ def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, ca
     manifest = json.loads((clean / MANIFEST_FILE).read_text())
     assert len(manifest["members"]) == 1 and manifest["members"][0]["attack"] is None
     assert manifest["config"]["train"]["apq"] is False and manifest["config"]["perturb"]["enabled"] is False
+
+
+def test_pmf_trains_the_full_backbone_and_evaluates_as_a_row(tmp_path):
+    common = ["--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN, "--set", "eval.shots=[1]",
+              "--set", "eval.corruptions=[]", "--set", "eval.adversarial=false"]
+    assert main(["train", "--variant", "pmf", "--out", str(tmp_path / "pmf"), *common]) == 0
+    keys = load_file(str(tmp_path / "pmf" / "member0" / "weights.safetensors"))
+    assert any(k.startswith("backbone.") for k in keys) and not any(k.startswith("lora.") for k in keys)
+    methods = f"methods=[{{name: PM}}, {{name: PMF, pool: {tmp_path / 'pmf'}}}]"
+    assert main(["evaluate", "--out", str(tmp_path / "ev"), *common, "--set", methods]) == 0
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
+    pm = [r["accuracies"] for r in rows if r["method"] == "PM"]
+    pmf = [r["accuracies"] for r in rows if r["method"] == "PMF"]
+    assert len(pm) == len(pmf) == 5  # five domains, clean only

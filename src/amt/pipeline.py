@@ -76,7 +76,8 @@ def build_methods(cfg: ExperimentConfig) -> dict:
             method = BackboneMethod(backbone, cfg.head.scale)
         else:
             names = load_pool(backbone, m.pool, fingerprint(backbone.vit))
-            method = PoolMethod(backbone, names, m.rule, cfg.merge, m.member, cfg.head.scale)
+            method = (PoolMethod(backbone, names, m.rule, cfg.merge, m.member, cfg.head.scale) if names
+                      else BackboneMethod(backbone, cfg.head.scale))  # PMF: a meta-tuned full backbone
         if m.finetune:
             if getattr(method, "rule", None) == "logit_avg":
                 raise ConfigError(f"{m.name}: test-time fine-tuning needs one model per task; rule 'logit_avg' has several")

@@ -467,7 +467,8 @@ def check_fingerprint(manifest: dict, fingerprint: str, where: Path) -> None:
 
 
 def load_pool(model: nn.Module, pool_dir: str | Path, fingerprint: str) -> list[str]:
-    """Put the trained pool of ``pool_dir`` (``amt train --out``) onto ``model``; return the member names.
+    """Put the trained pool of ``pool_dir`` (``amt train --out``) onto ``model``; return the member names
+    (none for a full-backbone run such as PMF, whose weights replace the backbone's).
 
     Checks the backbone fingerprint, injects the adapters with the pool's own LoRA settings and loads every
     member's ``weights.safetensors`` strictly. An unfinished or missing member is an error.
@@ -480,13 +481,15 @@ def load_pool(model: nn.Module, pool_dir: str | Path, fingerprint: str) -> list[
         raise ConfigError(f"{path} not found: train the pool first (amt train --out {pool_dir})")
     manifest = json.loads(path.read_text())
     check_fingerprint(manifest, fingerprint, pool_dir)
-    if manifest["mode"] != "lora":
-        raise ConfigError(f"{pool_dir} holds a full fine-tuned backbone (train.mode={manifest['mode']!r}), not a LoRA pool")
     members = manifest["members"]
-    unfinished = [m["name"] for m in members if not m.get("finished")]
+    unfinished = [m["name"] or m["dir"] for m in members if not m.get("finished")]
     if not members or unfinished:
         raise ConfigError(f"{pool_dir}: members {unfinished or 'none'} are not finished; resume with "
                           f"`amt train --out {pool_dir} --resume`")
+    if manifest["mode"] == "full":  # PMF: a meta-tuned backbone, no adapters
+        load_member_weights(model, None, pool_dir / members[0]["dir"] / WEIGHTS_FILE)
+        log.info("loaded the meta-tuned backbone of %s", pool_dir)
+        return []
     lora = manifest["config"]["lora"]
     names = [m["name"] for m in sorted(members, key=lambda m: m["index"])]
     inject_lora(model.vit if hasattr(model, "vit") else model, tuple(lora["targets"]), names, lora["rank"],
