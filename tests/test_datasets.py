@@ -81,3 +81,24 @@ def test_decoded_cache_gives_same_images(image_folder):
     for i in (0, 5, 0):
         assert torch.equal(plain[i][0], cached[i][0])
     assert len(cached._cache) == 2
+
+
+def test_data_check_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
+    from amt.cli import main
+
+    root = write_image_folder(tmp_path / "d", 6, [20, 20, 20, 20, 20, 7])
+    (root / "class_00" / "broken.png").write_bytes(b"not an image")
+    assert main(["data", "check", str(root), "--n-shot", "5", "--n-query", "10"]) == 1
+    out = capsys.readouterr().out
+    assert "6 classes" in out and "unreadable image" in out and "broken.png" in out
+    assert "class 'class_05' has 7 readable image(s), fewer than 15" in out
+    (root / "class_00" / "broken.png").unlink()
+    assert main(["data", "check", str(root), "--n-shot", "1", "--n-query", "5"]) == 0
+    assert capsys.readouterr().out.strip().endswith("OK")
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("path,label\n" + "".join(f"d/class_01/{i:03d}.png,a\n" for i in range(20))
+                        + "missing.png,a\n")
+    assert main(["data", "check", str(csv_path), "--format", "csv", "--n-way", "1", "--n-shot", "1",
+                 "--n-query", "5"]) == 1
+    assert "missing file" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "nope")]) == 2

@@ -47,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
     p.add_argument("run", help="run directory holding results.json (or the results file itself)")
     p.add_argument("--out", help="report directory (default: RUN/report)")
+    p = sub.add_parser("data", help="check a dataset copy: `amt data check PATH --format folder|csv`")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("path", help="folder-per-class root or CSV file")
+    p.add_argument("--format", default="folder", choices=["folder", "csv"])
+    p.add_argument("--splits", help="class-split JSON file")
+    p.add_argument("--split", help="split to check (train / val / test)")
+    p.add_argument("--n-way", type=int, default=5)
+    p.add_argument("--n-shot", type=int, default=5)
+    p.add_argument("--n-query", type=int, default=15)
     p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
     _add_common(p, None)
     args = parser.parse_args(argv)
@@ -69,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
             print(render_report(path, out))
             print(f"\nReport: {out / 'report.md'}")
             return 0
+        if args.verb == "data":
+            from pathlib import Path
+
+            from amt.config import DataConfig, DomainConfig
+            from amt.data.datasets import check_domain
+
+            domain = DomainConfig(Path(args.path).stem, args.path, args.format, args.splits, args.split)
+            report = check_domain(domain, DataConfig(), args.n_way, args.n_shot, args.n_query)
+            counts = sorted(report["per_class"].values())
+            print(f"{report['domain']}: {report['classes']} classes, {report['images']} readable images; "
+                  f"per class min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+            for line in report["problems"]:
+                print(f"problem: {line}")
+            print("OK" if not report["problems"] else f"{len(report['problems'])} problem(s)")
+            return 0 if not report["problems"] else 1
         cfg = _config(args)
         if args.verb == "demo":
             print(pipeline.run_demo(cfg, args.out))
@@ -91,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             from amt.data.glyphs import build_glyph_benchmark
 
             print(build_glyph_benchmark(cfg.glyphs, cfg.cache_dir))
-    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:  # DataError is a ValueError
         logging.getLogger("amt").error("%s", exc)
         return 2
     return 0

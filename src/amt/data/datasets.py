@@ -224,3 +224,53 @@ def load_domain(
     if domain.format == "csv":
         return ImageDataset.from_csv(domain.path, transform, classes, **kwargs)
     raise DataError(f"domain {domain.name!r}: unknown format {domain.format!r}; use 'folder' or 'csv'")
+
+
+def check_domain(domain: DomainConfig, cfg: DataConfig, n_way: int = 5, n_shot: int = 5, n_query: int = 15) -> dict:
+    """Validate a user's copy of one domain without stopping at the first problem (``amt data check``).
+
+    Returns ``{"classes", "images", "per_class": {name: n}, "problems": [str, ...]}``: missing files,
+    unreadable images (each named), classes too small for ``n_shot + n_query`` images, fewer than ``n_way``
+    usable classes, and split entries without a class. Structural errors (no folder, bad CSV header,
+    bad split file) raise :class:`DataError` as at load time.
+    """
+    problems: list[str] = []
+    classes = None
+    if domain.split is not None:
+        if domain.splits is None:
+            raise DataError(f"domain {domain.name!r} asks for split {domain.split!r} but gives no splits file")
+        classes = load_splits(domain.splits).get(domain.split)
+        if classes is None:
+            raise DataError(f"{domain.splits} has no split {domain.split!r}")
+    if domain.format == "folder":
+        root = Path(domain.path)
+        if classes is not None and root.is_dir():
+            missing = [c for c in classes if not (root / c).is_dir()]
+            problems += [f"class folder {root / c} named in split {domain.split!r} is missing" for c in missing]
+            classes = [c for c in classes if c not in set(missing)]
+        dataset = ImageDataset.from_folder(root, lambda im: im, classes, cfg.extensions, name=domain.name)
+    elif domain.format == "csv":
+        dataset = ImageDataset.from_csv(domain.path, lambda im: im, classes, name=domain.name)
+    else:
+        raise DataError(f"domain {domain.name!r}: unknown format {domain.format!r}; use 'folder' or 'csv'")
+    readable = [False] * len(dataset)
+    for i, (path, _) in enumerate(dataset.samples):
+        if not path.is_file():
+            problems.append(f"missing file {path}")
+        elif not _is_readable(path):
+            problems.append(f"unreadable image {path}")
+        else:
+            readable[i] = True
+    per_class = {name: 0 for name in dataset.class_names}
+    for ok, (_, y) in zip(readable, dataset.samples):
+        per_class[dataset.class_names[y]] += ok
+    need = n_shot + n_query
+    small = {c: n for c, n in per_class.items() if n < need}
+    problems += [f"class {c!r} has {n} readable image(s), fewer than {need} = {n_shot} shots + {n_query} queries"
+                 for c, n in small.items()]
+    usable = len(per_class) - len(small)
+    if usable < n_way:
+        problems.append(f"only {usable} class(es) have {need}+ images; a {n_way}-way {n_shot}-shot task with "
+                        f"{n_query} queries needs {n_way}")
+    return {"domain": domain.name, "classes": len(per_class), "images": int(sum(per_class.values())),
+            "per_class": per_class, "problems": problems}
