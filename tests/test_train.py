@@ -37,12 +37,19 @@ def _model(names=("member0", "member1"), init="svd") -> Backbone:
     return model
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = write_image_folder(tmp_path_factory.mktemp("train") / "d", n_classes=6, per_class=6, size=SIZE)
+def write_data(path):
+    return write_image_folder(path / "d", n_classes=6, per_class=6, size=SIZE)
+
+
+def load_data(root):
     dcfg = DataConfig(image_size=SIZE, resize_ratio=1.0, cache_decoded=True)
     dom = DomainConfig(name="d", path=str(root))
     return load_domain(dom, dcfg, train=True), load_domain(dom, dcfg, train=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return load_data(write_data(tmp_path_factory.mktemp("train")))
 
 
 def _episode(dataset, seed=0):

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                                           stop_after=args.stop_after)
             from amt.report import training_table
 
-            print(training_table(manifest))
+            if manifest:  # only the first rank of a torchrun job prints
+                print(training_table(manifest))
         elif args.verb == "glyphs":
             from amt.data.glyphs import build_glyph_benchmark
 

@@ -42,7 +42,7 @@ class DomainConfig:
 
     name: str  # short name used in tables
     path: str  # folder-per-class root, or a CSV file with columns `path,label`
-    format: str = "folder"  # "folder" | "csv"
+    format: str = "folder"  # "folder" | "csv" | "metadataset" (path = <converted root>/<dataset>; splits from its spec)
     splits: str | None = None  # JSON file {"train": [...], "val": [...], "test": [...]} of class names
     split: str | None = None  # which split's classes to use (None: every class)
     in_domain: bool = False  # counted in the in-domain average rather than out-of-domain
@@ -241,7 +241,8 @@ class TrainConfig:
     mode: str = "lora"  # "lora": train one LoRA member (AMT, clean LoRA) | "full": the whole backbone (PMF)
     apq: bool = True  # adversarial query perturbation on/off (off: clean meta-tuning)
     epochs: int = 30  # epochs of `episodes_per_epoch` episodes
-    episodes_per_epoch: int = 2000  # episodes (optimiser steps) per epoch
+    episodes_per_epoch: int = 2000  # optimiser steps per epoch (the paper: one episode per step)
+    episodes_per_step: int = 1  # episodes whose gradients are averaged per step; split across DDP ranks
     warmup_epochs: float = 5  # linear warm-up from warmup_lr to lr, in epochs
     lr: float = 5e-4  # SGD peak learning rate, cosine-decayed to min_lr
     warmup_lr: float = 1e-6  # learning rate at the first episode

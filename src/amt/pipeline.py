@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -109,7 +110,17 @@ def validation_sets(domains, cfg: ExperimentConfig) -> dict:
 
     out = {}
     for d, dataset in domains:
-        if d.splits is not None and "val" in load_splits(d.splits):
+        if d.format == "metadataset" and d.split != "val":
+            from amt.data.datasets import DataError
+
+            try:
+                val = load_domain(d, cfg.data, train=False, split="val")
+            except DataError:
+                val = None
+            if val is not None and len(val.class_names) >= cfg.eval.n_way:
+                out[d.name] = (val, "validation classes")
+                continue
+        elif d.splits is not None and "val" in load_splits(d.splits):
             val = load_domain(d, cfg.data, train=False, split="val")
             if len(val.class_names) >= cfg.eval.n_way:
                 out[d.name] = (val, "validation classes")
@@ -239,12 +250,34 @@ def run_train(
     train_set = load_domain(cfg.train_domain, cfg.data, train=True)
     val_set = load_domain(cfg.train_domain, cfg.data, train=False, split="val")
     header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
-    save_config(cfg, out / "config.yaml")
-    for i in indices:
-        spec = MemberSpec(i, names[i], out / f"member{i}")
-        summary = train_member(backbone, spec, train_set, val_set,
-                               cfg.train, cfg.pool, cfg.perturb, cfg.head, resume=resume, stop_after=stop_after)
-        _write_json(member_record(spec, cfg.pool, cfg.train, summary), spec.out_dir / MEMBER_RECORD_FILE)
-        log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i, summary["episodes"],
-                 summary["best"]["val_acc"], summary["best"]["episode"])
-    return write_manifest(out, header)
+    started = init_distributed()
+    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    try:
+        if main_rank:
+            save_config(cfg, out / "config.yaml")
+        for i in indices:
+            spec = MemberSpec(i, names[i], out / f"member{i}")
+            summary = train_member(backbone, spec, train_set, val_set, cfg.train, cfg.pool, cfg.perturb, cfg.head,
+                                   resume=resume, stop_after=stop_after)
+            if main_rank:
+                _write_json(member_record(spec, cfg.pool, cfg.train, summary), spec.out_dir / MEMBER_RECORD_FILE)
+                log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i, summary["episodes"],
+                         summary["best"]["val_acc"], summary["best"]["episode"])
+        manifest = write_manifest(out, header) if main_rank else {}
+    finally:
+        if started:
+            torch.distributed.barrier()  # without it the exit can crash while a peer is still communicating
+            torch.distributed.destroy_process_group()
+    return manifest
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); True if this call created it.
+
+    Ranks split each step's episodes (``train.episodes_per_step``) and average the gradients; gloo on CPU,
+    NCCL on GPUs.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True

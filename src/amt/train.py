@@ -294,6 +294,11 @@ def train_member(
         stop_after: stop (after checkpointing) once this many episodes are done — for time-sliced jobs.
     Returns a summary dict (episodes, best validation accuracy, final metrics, seconds).
     """
+    world, rank = _world()
+    main_rank = rank == 0
+    if cfg.episodes_per_step < 1 or cfg.episodes_per_step % world:
+        raise ConfigError(f"train.episodes_per_step={cfg.episodes_per_step} must be a positive multiple of the "
+                          f"number of processes ({world})")
     if cfg.keep not in ("best", "last"):
         raise ConfigError(f"train.keep must be 'best' or 'last', got {cfg.keep!r}")
     if cfg.mode == "full" and perturb.enabled:
@@ -317,31 +322,44 @@ def train_member(
     tasks = validation_tasks(val_set, cfg, cfg.seed + 7919)
     start_episode, best, final, kept = 0, {"val_acc": -1.0, "episode": -1}, None, None
     setup = _setup(cfg, pool, perturb, head, spec)
-    torch.manual_seed(seed)  # training transforms draw from the global generator
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_same_setup(state.get("setup", {}), setup, out)
         _restore(model, spec, scale, opt, state, episode_gen, attack_gen)
         start_episode, best, final, kept = int(state["episode"]), dict(state["best"]), state.get("final"), state.get("kept")
-        _truncate_metrics(metrics_path, start_episode)
+        if main_rank:
+            _truncate_metrics(metrics_path, start_episode)
         log.info("%s: resumed at episode %d of %d", out.name, start_episode, total)
-    elif metrics_path.exists():
+    elif main_rank and metrics_path.exists():
         metrics_path.unlink()
     model.eval()
     begin = time.perf_counter()
     last: StepResult | None = None
     end = total if stop_after is None else min(total, stop_after)
-    bar = tqdm(range(start_episode, end), initial=start_episode, total=total, desc=out.name, dynamic_ncols=True)
+    bar = tqdm(range(start_episode, end), initial=start_episode, total=total, desc=out.name, dynamic_ncols=True,
+               disable=not main_rank)
     for episode_idx in bar:
         lr = lr_at(episode_idx, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        episode = load_episode(train_set, sampler.sample())
-        attack = member_attack(pool, spec.index, attack_gen) if cfg.apq else None
+        # every rank draws every episode of the step (indices only) and trains on its share of them
+        indices = [sampler.sample() for _ in range(cfg.episodes_per_step)]
         opt.zero_grad(set_to_none=True)
-        _, last = training_step(model, episode, scale, apsv_params, attack, perturb, cfg.lambda_adv, attack_gen)
+        results = []
+        for j in range(rank, cfg.episodes_per_step, world):
+            episode_seed = _episode_seed(seed, episode_idx, j)
+            torch.manual_seed(episode_seed)  # the training transforms draw from the global generator
+            episode = load_episode(train_set, indices[j])
+            gen = torch.Generator().manual_seed(episode_seed + 1)  # attack noise (and ε under "random")
+            attack = member_attack(pool, spec.index, gen) if cfg.apq else None
+            results.append(training_step(model, episode, scale, apsv_params, attack, perturb, cfg.lambda_adv, gen)[1])
+        _average_gradients(params + [scale], cfg.episodes_per_step, world)
         opt.step()
+        last = StepResult(*(sum(getattr(r, f.name) for r in results) / len(results)
+                            for f in dataclasses.fields(StepResult)))
         done, final = episode_idx + 1, dataclasses.asdict(last)
+        if not main_rank:
+            continue
         if on_episode is not None:
             on_episode(done, last)
         bar.set_postfix(loss=f"{last.loss:.3f}", acc=f"{last.acc:.0f}", lr=f"{lr:.1e}",
@@ -361,12 +379,35 @@ def train_member(
             _atomic_save(_state(model, spec, scale, opt, done, best, final, kept, episode_gen, attack_gen, setup), state_path)
     bar.close()
     finished = end >= total
-    if finished and not weights_path.exists():  # no validation ran (tiny runs): keep the final weights
+    if main_rank and finished and not weights_path.exists():  # no validation ran (tiny runs): keep the final weights
         _atomic_safetensors(_weights(model, spec, scale), weights_path, {"episode": str(end)})
         kept = {"val_acc": None, "episode": end}
     return {"episodes": end, "finished": finished, "best": best, "kept": kept,
             "final": final, "scale": float(scale.detach()),
             "seconds": time.perf_counter() - begin}
+
+
+def _world() -> tuple[int, int]:
+    """(number of processes, this rank) of the default process group, or (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _episode_seed(seed: int, step: int, j: int) -> int:
+    """Seed of episode ``j`` of optimiser step ``step``: the same on every rank and in a single process."""
+    return (seed * 1_000_003 + step * 1009 + j) & 0x7FFFFFFF
+
+
+def _average_gradients(params: list[torch.Tensor], episodes: int, world: int) -> None:
+    """Sum the gradients over ranks (all-reduce) and divide by the episodes of the step: every rank then holds
+    the mean gradient of all the step's episodes, exactly what one process computing them all holds."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if world > 1:
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+        p.grad.div_(episodes)
 
 
 def _setup(cfg: TrainConfig, pool: PoolConfig, perturb: PerturbConfig, head: HeadConfig, spec: MemberSpec) -> dict:

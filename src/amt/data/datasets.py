@@ -209,6 +209,11 @@ def load_domain(
 ) -> ImageDataset:
     """The dataset of ``domain`` restricted to one class split (``split`` overrides ``domain.split``)."""
     split = split if split is not None else domain.split
+    if domain.format == "metadataset":  # converted Meta-Dataset TFRecords; the class splits are in its spec
+        from amt.data.metadataset import load_metadataset_domain
+
+        return load_metadataset_domain(domain.path, split or "test", build_transform(cfg, train), name=domain.name,
+                                       cache_decoded=cfg.cache_decoded)
     classes = None
     if split is not None:
         if domain.splits is None:
@@ -223,7 +228,7 @@ def load_domain(
         return ImageDataset.from_folder(domain.path, transform, classes, cfg.extensions, **kwargs)
     if domain.format == "csv":
         return ImageDataset.from_csv(domain.path, transform, classes, **kwargs)
-    raise DataError(f"domain {domain.name!r}: unknown format {domain.format!r}; use 'folder' or 'csv'")
+    raise DataError(f"domain {domain.name!r}: unknown format {domain.format!r}; use 'folder', 'csv' or 'metadataset'")
 
 
 def check_domain(domain: DomainConfig, cfg: DataConfig, n_way: int = 5, n_shot: int = 5, n_query: int = 15) -> dict:
