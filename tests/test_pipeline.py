@@ -160,3 +160,13 @@ def test_pmf_trains_the_full_backbone_and_evaluates_as_a_row(tmp_path):
     pm = [r["accuracies"] for r in rows if r["method"] == "PM"]
     pmf = [r["accuracies"] for r in rows if r["method"] == "PMF"]
     assert len(pm) == len(pmf) == 5  # five domains, clean only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, caplog):
+    from amt.pipeline import resolve_device
+
+    assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
+    assert main(["evaluate", "--out", str(tmp_path / "o"), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL,
+                 "--set", "device=cuda"]) == 2
+    assert "CUDA is not available" in caplog.text and not (tmp_path / "o" / "results.json").exists()

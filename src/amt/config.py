@@ -276,6 +276,7 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    device: str = "auto"  # "auto" (CUDA when available, else CPU) | "cpu" | "cuda" | "cuda:N"
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack (the headline PGD)
     merge: MergeConfig = field(default_factory=MergeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

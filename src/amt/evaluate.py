@@ -225,10 +225,10 @@ def select_finetune_lr(method, tasks: Sequence[Episode], base_seed: int) -> dict
 
 
 def validation_tasks(dataset: ImageDataset, n_way: int, n_shot: int, n_query: int, n_tasks: int,
-                     seed: int) -> list[Episode]:
+                     seed: int, device: torch.device | str = "cpu") -> list[Episode]:
     sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query,
                            torch.Generator().manual_seed(seed), dataset.name + " (validation)")
-    return [load_episode(dataset, sampler.sample()) for _ in range(n_tasks)]
+    return [load_episode(dataset, sampler.sample()).to(device) for _ in range(n_tasks)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def validation_tasks(dataset: ImageDataset, n_way: int, n_shot: int, n_query: in
 def evaluate_domain(
     methods: Mapping[str, Method], dataset: ImageDataset, n_way: int, n_shot: int, n_query: int,
     conds: Sequence[Condition], generator: torch.Generator, base_seed: int, desc: str = "",
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, dict[tuple, list[float]]], dict[str, list]]:
     """Per-task accuracies ``{method: {condition key: [acc, ...]}}`` and per-task records of every method."""
     n_tasks = max(c.n_tasks for c in conds)
@@ -246,7 +247,7 @@ def evaluate_domain(
     accs: dict[str, dict[tuple, list[float]]] = {m: {c.key(): [] for c in conds} for m in methods}
     records: dict[str, list] = {m: [] for m in methods}
     for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True):
-        episode = load_episode(dataset, sampler.sample())
+        episode = load_episode(dataset, sampler.sample()).to(device)
         corrupted = corrupted_queries(episode, conds, t, base_seed)
         for name, method in methods.items():
             with method.adapt(episode.support_images, episode.support_labels, episode.n_way,
@@ -263,6 +264,7 @@ def evaluate(
     cfg: EvalConfig,
     attack: AttackConfig | None = None,
     validation: Mapping[str, tuple[ImageDataset, str]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Evaluate every method on every domain and shot setting of ``cfg``.
 
@@ -271,6 +273,7 @@ def evaluate(
         validation: per domain name, (dataset, description) of the validation tasks used to tune the
             methods that have hyper-parameters; tasks come from a different class split or, failing
             that, a different seed, so they never coincide with test tasks.
+        device: where episodes are put (the methods' models must be there).
     Returns a JSON-ready dict: ``{"protocol", "seconds", "results": [row, ...], "merge": {...}}`` with a row
     per (method, domain, shot, condition): ``method, domain, in_domain, n_way, n_shot, n_query, n_tasks,
     condition, [attack | corruption], mean, ci95, accuracies`` (accuracies in %).
@@ -281,7 +284,7 @@ def evaluate(
     rows, merge_info = [], {}
     start = time.perf_counter()
     for domain, dataset in domains:
-        _tune(methods, domain, dataset, cfg, validation, merge_info)
+        _tune(methods, domain, dataset, cfg, validation, merge_info, device)
         for shot in cfg.shots:
             n_query = query_budget(dataset, cfg.n_way, shot, cfg.n_query)
             if n_query < cfg.n_query:
@@ -290,7 +293,7 @@ def evaluate(
             seed = task_seed(cfg.seed, domain.name, shot)
             accs, records = evaluate_domain(methods, dataset, cfg.n_way, shot, n_query, conds,
                                             torch.Generator().manual_seed(seed), seed,
-                                            desc=f"{domain.name} {cfg.n_way}w{shot}s")
+                                            desc=f"{domain.name} {cfg.n_way}w{shot}s", device=device)
             for method, per_cond in accs.items():
                 for c in conds:
                     a = per_cond[c.key()]
@@ -313,7 +316,7 @@ def evaluate(
     }
 
 
-def _tune(methods, domain, dataset, cfg: EvalConfig, validation, merge_info: dict) -> None:
+def _tune(methods, domain, dataset, cfg: EvalConfig, validation, merge_info: dict, device="cpu") -> None:
     """Per domain: choose the hyper-parameters of tunable methods on validation tasks of every shot setting."""
     tunable = {n: m for n, m in methods.items() if getattr(m, "tunable", False) or hasattr(m, "cfg_ft")}
     if not tunable:
@@ -322,7 +325,7 @@ def _tune(methods, domain, dataset, cfg: EvalConfig, validation, merge_info: dic
     seed = validation_seed(cfg.seed, domain.name, 0)
     tasks = [e for shot in cfg.shots for e in validation_tasks(
         val_set, cfg.n_way, shot, query_budget(val_set, cfg.n_way, shot, cfg.n_query), cfg.val_tasks,
-        validation_seed(cfg.seed, domain.name, shot))]
+        validation_seed(cfg.seed, domain.name, shot), device)]
     for name, method in tunable.items():
         info = merge_info.setdefault(name, {}).setdefault(domain.name, {"rule": getattr(method, "rule", None),
                                                                          "validation_tasks": how})

@@ -62,6 +62,19 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cfg.device`` as a torch device: "auto" is CUDA when available (under torchrun, this rank's GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu (or auto)")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def build_methods(cfg: ExperimentConfig) -> dict:
     """The evaluated rows of ``cfg.methods``: each on its own copy of the configured backbone."""
     from amt.finetune import FinetunedMethod
@@ -134,11 +147,16 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     cfg = resolve(cfg)
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.eval.seed)
+    device = resolve_device(cfg.device)
     methods = build_methods(cfg)
+    for method in methods.values():
+        getattr(method, "inner", method).model.to(device)
     domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
     tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
     validation = validation_sets(domains, cfg) if tunable else {}
-    results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation)
+    results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
+                       device=device)
+    results["device"] = str(device)
     first = build_backbone(cfg.backbone)
     results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
                            "fingerprint": fingerprint(first.vit)}
@@ -251,6 +269,7 @@ def run_train(
     val_set = load_domain(cfg.train_domain, cfg.data, train=False, split="val")
     header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
     started = init_distributed()
+    backbone.to(resolve_device(cfg.device))
     main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     try:
         if main_rank:
@@ -279,5 +298,9 @@ def init_distributed() -> bool:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         return False
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
     return True

@@ -201,8 +201,9 @@ def validation_tasks(dataset: ImageDataset, cfg: TrainConfig, seed: int) -> list
 def validate(model: nn.Module, dataset: ImageDataset, tasks: list[EpisodeIndices]) -> float:
     """Mean clean query accuracy (%) of the ProtoNet on ``tasks`` with the current weights."""
     accs = []
+    device = next(model.parameters()).device
     for idx in tasks:
-        e = load_episode(dataset, idx)
+        e = load_episode(dataset, idx).to(device)
         n_s = len(e.support_images)
         feats = model(torch.cat([e.support_images, e.query_images]))
         logits = cosine_logits(feats[n_s:], prototypes(feats[:n_s], e.support_labels, e.n_way))
@@ -242,10 +243,10 @@ def _trainable(model: nn.Module, spec: MemberSpec, cfg: TrainConfig) -> tuple[li
 def _weights(model: nn.Module, spec: MemberSpec, scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """The member's trained tensors as a flat dict (LoRA factors or the full backbone) plus the scale."""
     if spec.name is not None:
-        out = {f"lora.{k}": v for k, v in adapter_state_dict(model, spec.name).items()}
+        out = {f"lora.{k}": v.detach().cpu().clone() for k, v in adapter_state_dict(model, spec.name).items()}
     else:
-        out = {f"backbone.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    out["head.scale"] = scale.detach().clone().reshape(1)
+        out = {f"backbone.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    out["head.scale"] = scale.detach().cpu().clone().reshape(1)
     return out
 
 
@@ -311,7 +312,8 @@ def train_member(
                           "another output directory (nothing was overwritten)")
     total = cfg.epochs * cfg.episodes_per_epoch
     params, apsv_params = _trainable(model, spec, cfg)
-    scale = nn.Parameter(torch.tensor(float(head.scale)), requires_grad=cfg.train_scale)
+    device = next(model.parameters()).device  # training runs where the model is
+    scale = nn.Parameter(torch.tensor(float(head.scale), device=device), requires_grad=cfg.train_scale)
     opt = torch.optim.SGD(params + ([scale] if cfg.train_scale else []), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     seed = cfg.seed + spec.index
@@ -349,7 +351,7 @@ def train_member(
         for j in range(rank, cfg.episodes_per_step, world):
             episode_seed = _episode_seed(seed, episode_idx, j)
             torch.manual_seed(episode_seed)  # the training transforms draw from the global generator
-            episode = load_episode(train_set, indices[j])
+            episode = load_episode(train_set, indices[j]).to(device)
             gen = torch.Generator().manual_seed(episode_seed + 1)  # attack noise (and ε under "random")
             attack = member_attack(pool, spec.index, gen) if cfg.apq else None
             results.append(training_step(model, episode, scale, apsv_params, attack, perturb, cfg.lambda_adv, gen)[1])
