@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from amt.backbone import Backbone, build_vit
 from amt.config import LoRAConfig, MergeConfig
 from amt.lora import inject_lora, lora_layers, merged
 from amt.merge import PoolMethod, trim_weight, trimmed_layers
+from record import write_record
 
 log = logging.getLogger("benchmarks.merge")
 NAMES = ["member0", "member1", "member2", "member3"]
@@ -94,13 +94,7 @@ def main() -> None:
     runs = [measure("amt_glyph_vit", 32, args.repeats)]
     if not args.skip_vit_s:
         runs.append(measure("vit_small_patch16_224", 128, max(1, args.repeats // 2)))
-    result = {"benchmark": "merge", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "runs": runs,
-              "target": "(merge + trim) / query forward <= 0.5"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    log.info("wrote %s", out)
+    write_record("merge", runs, "(merge + trim) / query forward <= 0.5", args.out)
 
 
 if __name__ == "__main__":

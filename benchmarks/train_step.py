@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from amt.data.episodes import Episode
 from amt.head import cosine_logits, prototypes
 from amt.lora import adapter_parameters, inject_lora, mark_trainable, set_active_adapter
 from amt.train import training_step
+from record import write_record
 
 log = logging.getLogger("benchmarks.train_step")
 
@@ -167,17 +167,10 @@ def main() -> None:
     parser.add_argument("--skip-vit-s", action="store_true", help="only the embedded backbone (fast)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(torch.get_num_threads())
     runs = [measure("amt_glyph_vit", 32, k, 15, args.repeats, 8) for k in (10, 2)]
     if not args.skip_vit_s:
         runs += [measure("vit_small_patch16_224", 128, k, 15, 1, 8) for k in (10, 2)]
-    result = {"benchmark": "train_step", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "runs": runs,
-              "target": "ours_gflops <= 0.6 x authors_gflops at K = 10"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    log.info("wrote %s", out)
+    write_record("train_step", runs, "ours_gflops <= 0.6 x authors_gflops at K = 10", args.out)
 
 
 if __name__ == "__main__":

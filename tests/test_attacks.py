@@ -182,8 +182,13 @@ def test_eval_mode_inside_previous_modes_restored_even_on_error(data, attack):
 
 
 def test_eval_mode_none_is_a_noop():
+    ran = []
     with eval_mode(None):
-        pass
+        ran.append(True)
+    assert ran == [True]
+    with pytest.raises(RuntimeError, match="inside"):  # errors in the block still propagate
+        with eval_mode(None):
+            raise RuntimeError("inside")
 
 
 @pytest.mark.parametrize("attack", ["pgd", "pyramid"])

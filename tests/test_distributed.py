@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 

@@ -81,7 +81,7 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
 def test_shipped_backbone_is_far_above_random_init(tmp_path):
     """Few-shot accuracy of the shipped backbone vs the same architecture at random init, on colour-free data:
     Greek glyph test classes through the embedded pipeline's loaders."""
-    from amt.config import EvalConfig, HeadConfig
+    from amt.config import EvalConfig
     from amt.data.glyphs import build_glyph_benchmark, glyph_domains
     from amt.config import GlyphConfig
     from amt.evaluate import evaluate

@@ -22,7 +22,6 @@ from amt.backbone import build_backbone, fingerprint, save_backbone
 from amt.config import ConfigError, ExperimentConfig, MethodConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
 from amt.data.datasets import load_domain
 from amt.evaluate import evaluate, write_results
-from amt.report import markdown_table
 
 log = logging.getLogger(__name__)
 

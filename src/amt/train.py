@@ -318,7 +318,6 @@ def train_member(
                           weight_decay=cfg.weight_decay)
     seed = cfg.seed + spec.index
     episode_gen = torch.Generator().manual_seed(seed)
-    attack_gen = torch.Generator().manual_seed(seed + 1_000_003)
     sampler = FixedSampler(train_set.indices_by_class(), cfg.n_way, cfg.n_shot, cfg.n_query, episode_gen,
                            train_set.name + " (train)")
     tasks = validation_tasks(val_set, cfg, cfg.seed + 7919)
@@ -327,7 +326,7 @@ def train_member(
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_same_setup(state.get("setup", {}), setup, out)
-        _restore(model, spec, scale, opt, state, episode_gen, attack_gen)
+        _restore(model, spec, scale, opt, state, episode_gen)
         start_episode, best, final, kept = int(state["episode"]), dict(state["best"]), state.get("final"), state.get("kept")
         if main_rank:
             _truncate_metrics(metrics_path, start_episode)
@@ -378,7 +377,7 @@ def train_member(
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == end:
-            _atomic_save(_state(model, spec, scale, opt, done, best, final, kept, episode_gen, attack_gen, setup), state_path)
+            _atomic_save(_state(model, spec, scale, opt, done, best, final, kept, episode_gen, setup), state_path)
     bar.close()
     finished = end >= total
     if main_rank and finished and not weights_path.exists():  # no validation ran (tiny runs): keep the final weights
@@ -431,13 +430,14 @@ def _check_same_setup(saved: dict, current: dict, where: Path) -> None:
                           "same settings, or train into another output directory")
 
 
-def _state(model, spec, scale, opt, episode, best, final, kept, episode_gen, attack_gen, setup) -> dict:
+def _state(model, spec, scale, opt, episode, best, final, kept, episode_gen, setup) -> dict:
+    """Everything a resume needs; attack noise and training transforms are seeded per episode
+    (:func:`_episode_seed`), so the episode sampler is the only random stream to save."""
     return {"episode": episode, "best": best, "final": final, "kept": kept, "setup": setup, "weights": _weights(model, spec, scale),
-            "optimizer": opt.state_dict(), "episode_rng": episode_gen.get_state(),
-            "attack_rng": attack_gen.get_state(), "torch_rng": torch.get_rng_state()}
+            "optimizer": opt.state_dict(), "episode_rng": episode_gen.get_state()}
 
 
-def _restore(model, spec, scale, opt, state, episode_gen, attack_gen) -> None:
+def _restore(model, spec, scale, opt, state, episode_gen) -> None:
     weights = state["weights"]
     if spec.name is not None:
         load_adapter_state_dict(model, spec.name, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
@@ -447,8 +447,6 @@ def _restore(model, spec, scale, opt, state, episode_gen, attack_gen) -> None:
         scale.copy_(weights["head.scale"].reshape(()))
     opt.load_state_dict(state["optimizer"])
     episode_gen.set_state(state["episode_rng"])
-    attack_gen.set_state(state["attack_rng"])
-    torch.set_rng_state(state["torch_rng"])
 
 
 def _truncate_metrics(path: Path, episode: int) -> None:
