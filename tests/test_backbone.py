@@ -303,3 +303,17 @@ def test_fingerprint_stable_and_sensitive():
         vit.blocks[1].mlp.fc2.weight[3, 7] += 1e-6
     assert fingerprint(vit) != fp
     assert fingerprint(tiny_vit(seed=0)) == fp
+
+
+def test_random_backbone_is_the_same_in_every_build_and_leaves_the_global_rng_alone():
+    from amt.backbone import build_backbone, fingerprint
+    from amt.config import BackboneConfig
+
+    cfg = BackboneConfig(arch="vit_tiny_test", image_size=32, checkpoint=None)
+    torch.manual_seed(1)
+    a = build_backbone(cfg)
+    after_a = torch.rand(3)
+    torch.manual_seed(1)
+    b = build_backbone(cfg)
+    assert torch.equal(torch.rand(3), after_a)  # the build drew nothing from the global generator
+    assert fingerprint(a.vit) == fingerprint(b.vit)

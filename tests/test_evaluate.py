@@ -133,3 +133,45 @@ def test_validation_tasks_never_overlap_the_test_tasks(glyph_greek):
     # without a validation split the same classes are used, with a task stream that shares no task
     for shot in (1, 5):
         assert not stream(task_seed(0, "greek", shot)) & stream(validation_seed(0, "greek", shot))
+
+
+def test_bf16_autocast_on_cpu_keeps_accuracy(glyph_greek):
+    """CPU bf16 autocast (``precision: bf16``): float32 features, same clean and PGD accuracy within noise."""
+    from amt.config import AttackConfig
+    from amt.merge import BackboneMethod
+
+    greek, ds, _, model = glyph_greek
+    cfg = EvalConfig(n_tasks=30, shots=(1,), n_query=5, corruptions=(), eps_sweep=(), l2_eps=(), adv_tasks=8)
+    attack = AttackConfig(eps=4 / 255, step_size=0.4 / 255, steps=10)
+    runs = {}
+    try:
+        for dtype in (None, torch.bfloat16):
+            model.autocast_dtype = dtype
+            with torch.no_grad():
+                feats = model(ds[0][0][None])
+            assert feats.dtype == torch.float32
+            runs[dtype] = {r["condition"]: r for r in evaluate({"PM": BackboneMethod(model)}, [(greek, ds)], cfg,
+                                                               attack)["results"]}
+    finally:
+        model.autocast_dtype = None
+    fp32, bf16 = runs[None], runs[torch.bfloat16]
+    assert fp32["clean"]["mean"] > 60.0
+    assert abs(bf16["clean"]["mean"] - fp32["clean"]["mean"]) <= 1.5, (fp32["clean"]["mean"], bf16["clean"]["mean"])
+    same = sum(a == b for a, b in zip(fp32["clean"]["accuracies"], bf16["clean"]["accuracies"]))
+    assert same >= 0.8 * cfg.n_tasks
+    assert bf16["adversarial"]["mean"] < bf16["clean"]["mean"] - 5.0  # the attack still finds gradients
+    assert abs(bf16["adversarial"]["mean"] - fp32["adversarial"]["mean"]) <= 6.0
+
+
+def test_precision_choices_are_checked():
+    from amt.backbone import precision_dtype
+    from amt.config import ConfigError
+
+    assert precision_dtype("fp32", torch.device("cpu")) is None
+    assert precision_dtype("bf16", torch.device("cpu"), training=True) is torch.bfloat16
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        precision_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="evaluation only"):
+        precision_dtype("fp16", torch.device("cuda"), training=True)
+    with pytest.raises(ConfigError, match="must be one of"):
+        precision_dtype("fp8", torch.device("cpu"))

@@ -66,7 +66,7 @@ def test_preset_loads_with_paper_settings(name):
     assert cfg.domains
     assert len({d.name for d in cfg.domains}) == len(cfg.domains)
     for d in cfg.domains:
-        assert d.format in ("folder", "csv", "metadataset") and d.path
+        assert d.format in ("folder", "csv", "metadataset", "isic", "chestx", "filelist") and d.path
         assert (d.split is None) or d.splits or d.format == "metadataset", f"{d.name}: a split needs a splits file"
 
 
@@ -94,7 +94,7 @@ def test_meta_dataset_domains(name):
 def test_bscdfsl_domains():
     cfg = _load("bscdfsl.yaml")
     formats = {d.name: d.format for d in cfg.domains}
-    assert formats == {"chestx": "csv", "isic": "csv", "eurosat": "folder", "cropdisease": "folder"}
+    assert formats == {"chestx": "chestx", "isic": "isic", "eurosat": "folder", "cropdisease": "folder"}
     assert not any(d.in_domain for d in cfg.domains)
 
 
@@ -102,6 +102,7 @@ def test_finegrained_domains():
     cfg = _load("finegrained.yaml")
     assert [d.name for d in cfg.domains] == ["cub", "cars", "places", "plantae"]
     assert not any(d.in_domain for d in cfg.domains)
+    assert all(d.format == "filelist" and d.path.endswith("novel.json") for d in cfg.domains)
 
 
 def test_backbone_variants():

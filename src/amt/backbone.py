@@ -34,7 +34,7 @@ from timm.layers import Format, nchw_to, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from amt.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
+from amt.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,9 @@ class Backbone(nn.Module):
         vit: the timm ``VisionTransformer`` (``num_classes=0``); module names are timm's.
         embed_dim: feature size D.
         mean, std: buffers ``[1, 3, 1, 1]`` applied as ``(images - mean) / std``.
+        autocast_dtype: None (float32), ``torch.bfloat16`` or ``torch.float16``: the ViT then runs under
+            ``torch.autocast`` of the images' device type (weights stay float32; features come out
+            float32). Set from ``ExperimentConfig.precision`` by :func:`precision_dtype`.
     """
 
     def __init__(
@@ -233,6 +236,7 @@ class Backbone(nn.Module):
         self.embed_dim = int(vit.num_features)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features ``[B, D]`` of float images ``[B, 3, H, W]`` in [0, 1].
@@ -242,16 +246,48 @@ class Backbone(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Backbone expects images [B, 3, H, W], got shape {tuple(images.shape)}")
-        return self.vit((images - self.mean) / self.std)
+        x = (images - self.mean) / self.std
+        if self.autocast_dtype is None:
+            return self.vit(x)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            feats = self.vit(x)
+        return feats.float()
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str, device: torch.device, training: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``ExperimentConfig.precision`` on ``device`` (None: plain float32).
+
+    bf16 runs on CPU and CUDA. fp16 runs on CUDA, for evaluation only: training and test-time
+    fine-tuning would need loss scaling against underflowing gradients, which bf16 (same exponent range
+    as float32) does not.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision='fp16' needs a CUDA device (got {device}); use precision=bf16 on the CPU")
+    if precision == "fp16" and training:
+        raise ConfigError("precision='fp16' is for evaluation only (no loss scaling in training or fine-tuning); "
+                         "use precision=bf16 or fp32")
+    return PRECISIONS[precision]
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
-    """Build ``cfg.arch`` at ``cfg.image_size`` and, if ``cfg.checkpoint`` is set, load it strictly."""
-    vit = build_vit(cfg.arch, cfg.image_size)
+    """Build ``cfg.arch`` at ``cfg.image_size`` and, if ``cfg.checkpoint`` is set, load it strictly.
+
+    Without a checkpoint the weights are timm's random init drawn with seed 0 (the global RNG state is
+    left as it was), so every command builds the same random backbone and pools trained on it load back.
+    """
     if cfg.checkpoint:
+        vit = build_vit(cfg.arch, cfg.image_size)
         load_checkpoint(vit, cfg.checkpoint, key=cfg.checkpoint_key)
     else:
-        logger.warning("backbone %s has random weights (backbone.checkpoint is not set)", cfg.arch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vit = build_vit(cfg.arch, cfg.image_size)
+        logger.warning("backbone %s has random weights (backbone.checkpoint is not set; seed 0)", cfg.arch)
     return Backbone(vit, cfg.mean, cfg.std)
 
 

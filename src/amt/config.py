@@ -38,11 +38,11 @@ class GlyphConfig:
 
 @dataclass(frozen=True)
 class DomainConfig:
-    """One image domain: a folder-per-class tree or a CSV of (image path, label)."""
+    """One image domain on disk, read by the reader of its ``format`` (``amt.data.datasets``)."""
 
     name: str  # short name used in tables
-    path: str  # folder-per-class root, or a CSV file with columns `path,label`
-    format: str = "folder"  # "folder" | "csv" | "metadataset" (path = <converted root>/<dataset>; splits from its spec)
+    path: str  # folder: class-folder root | csv: `path,label` file | isic, chestx: dataset folder | filelist: FWT JSON
+    format: str = "folder"  # "folder" | "csv" | "isic" | "chestx" | "filelist" | "metadataset" (path = <root>/<dataset>)
     splits: str | None = None  # JSON file {"train": [...], "val": [...], "test": [...]} of class names
     split: str | None = None  # which split's classes to use (None: every class)
     in_domain: bool = False  # counted in the in-domain average rather than out-of-domain
@@ -277,6 +277,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     device: str = "auto"  # "auto" (CUDA when available, else CPU) | "cpu" | "cuda" | "cuda:N"
+    precision: str = "fp32"  # backbone autocast: "fp32" | "bf16" (CPU or CUDA) | "fp16" (CUDA, evaluation only)
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack (the headline PGD)
     merge: MergeConfig = field(default_factory=MergeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

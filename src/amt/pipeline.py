@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from amt.backbone import build_backbone, fingerprint, save_backbone
+from amt.backbone import build_backbone, fingerprint, precision_dtype, save_backbone
 from amt.config import ConfigError, ExperimentConfig, MethodConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
 from amt.data.datasets import load_domain
 from amt.evaluate import evaluate, write_results
@@ -148,14 +148,18 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     torch.manual_seed(cfg.eval.seed)
     device = resolve_device(cfg.device)
     methods = build_methods(cfg)
+    fine_tuned = any(m.finetune for m in cfg.methods)
+    dtype = precision_dtype(cfg.precision, device, training=fine_tuned)
     for method in methods.values():
-        getattr(method, "inner", method).model.to(device)
+        model = getattr(method, "inner", method).model.to(device)
+        model.autocast_dtype = dtype
     domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
     tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
     validation = validation_sets(domains, cfg) if tunable else {}
     results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
                        device=device)
     results["device"] = str(device)
+    results["precision"] = cfg.precision
     first = build_backbone(cfg.backbone)
     results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
                            "fingerprint": fingerprint(first.vit)}
@@ -268,7 +272,9 @@ def run_train(
     val_set = load_domain(cfg.train_domain, cfg.data, train=False, split="val")
     header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
     started = init_distributed()
-    backbone.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    backbone.to(device)
+    backbone.autocast_dtype = precision_dtype(cfg.precision, device, training=True)
     main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     try:
         if main_rank:

@@ -1,0 +1,213 @@
+"""Dedicated readers: ISIC 2018 and ChestX-ray14 (BSCD-FSL) tables, FWT JSON file lists; `amt data check`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amt.config import DataConfig, DomainConfig
+from amt.data.datasets import CHESTX_CLASSES, FORMATS, DataError, check_domain, load_domain
+
+ISIC_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+CFG = DataConfig(image_size=16)
+
+
+def _image(path, grey=False, size=20):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    px = np.random.default_rng(len(path.name)).integers(0, 256, size=(size, size) if grey else (size, size, 3))
+    Image.fromarray(px.astype(np.uint8)).save(path)
+    return path
+
+
+def _assert_images(ds):
+    for i in range(len(ds)):
+        img, label = ds[i]
+        assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+        assert label == ds.samples[i][1]
+
+
+def _labels(ds):
+    return {p.name: ds.class_names[y] for p, y in ds.samples}
+
+
+def _splits(tmp_path, classes):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"test": classes}))
+    return str(path)
+
+
+@pytest.fixture
+def isic(tmp_path):
+    root = tmp_path / "ISIC"
+    rows = {"ISIC_0001": "MEL", "ISIC_0002": "MEL", "ISIC_0003": "NV", "ISIC_0004": "NV", "ISIC_0005": "VASC",
+            "ISIC_0006": "VASC", "ISIC_0007": "VASC"}
+    lines = ["image," + ",".join(ISIC_COLUMNS)]
+    for image, label in rows.items():
+        lines.append(image + "," + ",".join("1.0" if c == label else "0.0" for c in ISIC_COLUMNS))
+        _image(root / "ISIC2018_Task3_Training_Input" / f"{image}.jpg")
+    (root / "ISIC2018_Task3_Training_GroundTruth.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def chestx(tmp_path):
+    root = tmp_path / "ChestX"
+    rows = [("00000001_000.png", "Atelectasis"), ("00000002_000.png", "Atelectasis"),
+            ("00000003_000.png", "Effusion"), ("00000004_000.png", "Effusion"), ("00000005_000.png", "Effusion"),
+            ("00000006_000.png", "Pneumothorax"), ("00000007_000.png", "Pneumothorax"),
+            ("00000008_000.png", "No Finding"), ("00000009_000.png", "Effusion|Mass"),
+            ("00000010_000.png", "Pneumonia"), ("00000011_000.png", "Hernia")]
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"]
+    for i, (image, labels) in enumerate(rows):
+        lines.append(f"{image},{labels},0,{i + 1},58,M,PA")
+        _image(root / "images" / image, grey=True)
+    (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def filelist(tmp_path):
+    """A novel.json with classes 100..102 of 200 names, relative and absolute image paths."""
+    root = tmp_path / "filelists" / "cub"
+    names = [f"{i:03d}.bird_{i}" for i in range(200)]
+    images, labels = [], []
+    for label, count in ((102, 2), (100, 3), (101, 2)):
+        for k in range(count):
+            rel = f"images/{names[label]}/img_{label}_{k}.jpg"
+            _image(root / rel)
+            images.append(rel if k else str(root / rel))  # FWT's scripts write absolute paths
+            labels.append(label)
+    path = root / "novel.json"
+    path.write_text(json.dumps({"label_names": names, "image_names": images, "image_labels": labels}))
+    return path
+
+
+def test_isic_labels_from_one_hot_columns(isic, tmp_path):
+    ds = load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+    assert ds.class_names == ISIC_COLUMNS and ds.name == "isic"
+    assert _labels(ds) == {"ISIC_0001.jpg": "MEL", "ISIC_0002.jpg": "MEL", "ISIC_0003.jpg": "NV",
+                           "ISIC_0004.jpg": "NV", "ISIC_0005.jpg": "VASC", "ISIC_0006.jpg": "VASC",
+                           "ISIC_0007.jpg": "VASC"}
+    _assert_images(ds)
+    ds = load_domain(DomainConfig("isic", str(isic), "isic", _splits(tmp_path, ["VASC", "MEL"]), "test"), CFG)
+    assert ds.class_names == ["VASC", "MEL"] and [len(c) for c in ds.indices_by_class()] == [3, 2]
+
+
+def test_isic_table_in_its_own_folder_as_unzipped(isic):
+    table = isic / "ISIC2018_Task3_Training_GroundTruth.csv"
+    (isic / "ISIC2018_Task3_Training_GroundTruth").mkdir()
+    table.rename(isic / "ISIC2018_Task3_Training_GroundTruth" / table.name)
+    assert len(load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)) == 7
+
+
+def test_isic_row_not_one_hot_names_file_and_line(isic):
+    table = isic / "ISIC2018_Task3_Training_GroundTruth.csv"
+    lines = table.read_text().splitlines()
+    lines[3] = "ISIC_0003,1.0,1.0,0.0,0.0,0.0,0.0,0.0"
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"GroundTruth\.csv line 4: .*not one-hot"):
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+    lines[3] = "ISIC_0003,0.0,0.0,0.0,0.0,0.0,0.0,0.0"
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 4"):
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+    table.unlink()
+    with pytest.raises(DataError, match="does not exist; expected .*ISIC2018_Task3_Training_Input"):
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+
+
+def test_chestx_keeps_single_findings_of_the_seven_classes(chestx, tmp_path):
+    ds = load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG)
+    assert ds.class_names == list(CHESTX_CLASSES)
+    assert _labels(ds) == {"00000001_000.png": "Atelectasis", "00000002_000.png": "Atelectasis",
+                           "00000003_000.png": "Effusion", "00000004_000.png": "Effusion",
+                           "00000005_000.png": "Effusion", "00000006_000.png": "Pneumothorax",
+                           "00000007_000.png": "Pneumothorax"}
+    _assert_images(ds)  # greyscale PNGs come out as 3 channels
+    ds = load_domain(DomainConfig("chestx", str(chestx), "chestx", _splits(tmp_path, ["Effusion", "Atelectasis"]),
+                                  "test"), CFG)
+    assert ds.class_names == ["Effusion", "Atelectasis"] and [len(c) for c in ds.indices_by_class()] == [3, 2]
+
+
+def test_chestx_bad_table_is_clear(chestx):
+    (chestx / "Data_Entry_2017.csv").write_text("Image,Labels\na.png,Mass\n")
+    with pytest.raises(DataError, match="'Image Index' and 'Finding Labels'"):
+        load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG)
+
+
+def test_filelist_remaps_noncontiguous_labels(filelist, tmp_path):
+    ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG)
+    assert ds.class_names == ["100.bird_100", "101.bird_101", "102.bird_102"]
+    assert sorted(set(ds.targets)) == [0, 1, 2] and [len(c) for c in ds.indices_by_class()] == [3, 2, 2]
+    assert all(ds.class_names[y] == p.parent.name and p.is_file() for p, y in ds.samples)
+    _assert_images(ds)
+    ds = load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["102.bird_102"]), "test"), CFG)
+    assert ds.class_names == ["102.bird_102"] and len(ds) == 2
+    with pytest.raises(DataError, match=r"not in the data, e\.g\. \['nope'\]"):
+        load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["nope"]), "test"), CFG)
+
+
+def test_filelist_without_label_names_uses_the_numbers(filelist):
+    meta = json.loads(filelist.read_text())
+    del meta["label_names"]
+    filelist.write_text(json.dumps(meta))
+    assert load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG).class_names == ["100", "101", "102"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"label_names": ["a"], "image_names": ["x.jpg"]}), "'image_labels'"),
+    (json.dumps({"label_names": ["a"], "image_names": ["x.jpg", "y.jpg"], "image_labels": [0]}),
+     "2 image_names but 1 image_labels"),
+    (json.dumps({"label_names": ["a", "b"], "image_names": ["x.jpg"], "image_labels": [2]}),
+     r"integers in 0\.\.1 \(indices into label_names\); found \[2\]"),
+])
+def test_filelist_errors_name_file_and_expectation(tmp_path, content, message):
+    path = tmp_path / "novel.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_domain(DomainConfig("d", str(path), format="filelist"), CFG)
+    assert str(path) in str(info.value)
+
+
+def test_check_domain_reports_missing_image(isic, chestx, filelist):
+    (isic / "ISIC2018_Task3_Training_Input" / "ISIC_0004.jpg").unlink()
+    (chestx / "images" / "00000006_000.png").unlink()
+    (filelist.parent / "images" / "101.bird_101" / "img_101_1.jpg").unlink()
+    for fmt, path, gone in (("isic", isic, "ISIC_0004.jpg"), ("chestx", chestx, "00000006_000.png"),
+                            ("filelist", filelist, "img_101_1.jpg")):
+        report = check_domain(DomainConfig(fmt, str(path), format=fmt), CFG, n_way=2, n_shot=1, n_query=1)
+        assert [p for p in report["problems"] if p.startswith("missing file")] == [
+            f"missing file {p}" for p, _ in load_domain(DomainConfig(fmt, str(path), format=fmt), CFG).samples
+            if p.name == gone]
+        assert report["images"] == 6 and report["classes"] == (3 if fmt == "filelist" else 7)
+
+
+def test_check_domain_reports_split_classes_absent(filelist, tmp_path):
+    domain = DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["100.bird_100", "gone"]), "test")
+    report = check_domain(domain, CFG, n_way=1, n_shot=1, n_query=1)
+    assert report["classes"] == 1 and any("'gone'" in p for p in report["problems"])
+
+
+def test_data_check_cli_filelist(filelist, capsys):
+    from amt.cli import main
+
+    assert main(["data", "check", str(filelist), "--format", "filelist", "--n-way", "3", "--n-shot", "1",
+                 "--n-query", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes, 7 readable images" in out and out.strip().endswith("OK")
+    (filelist.parent / "images" / "100.bird_100" / "img_100_2.jpg").write_bytes(b"not an image")
+    assert main(["data", "check", str(filelist), "--format", "filelist", "--n-way", "3", "--n-shot", "2",
+                 "--n-query", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable image" in out and "img_100_2.jpg" in out and "fewer than 3" in out
+
+
+def test_every_format_is_a_cli_choice(tmp_path):
+    from amt.cli import main
+
+    for fmt in FORMATS:  # a missing path is a data error (exit 2), not an argparse rejection (SystemExit)
+        assert main(["data", "check", str(tmp_path / "nope"), "--format", fmt]) == 2
