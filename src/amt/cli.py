@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from amt.config import VARIANTS, ConfigError, load_config, merge_dicts, parse_override, variant_overrides
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
     _add_common(p, None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # other torchrun ranks log warnings and errors only
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if first_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from amt import pipeline
     from amt.train import TrainingError
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             from amt.report import render_report
 
             pipeline.run_evaluate(cfg, args.out)
-            print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
+            if first_rank:  # rank 0 of a torchrun job writes and prints the results
+                print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
         elif args.verb == "pretrain":
             pipeline.run_pretrain(cfg, args.out)
         elif args.verb == "train":

@@ -32,6 +32,7 @@ from amt.attacks import adversarial_queries
 from amt.config import AttackConfig, DomainConfig, EvalConfig
 from amt.data.datasets import ImageDataset
 from amt.data.episodes import Episode, FixedSampler, load_episode
+from amt.distributed import gather_by_index, is_main, world
 from amt.merge import LogitsFn, merge_grid
 
 log = logging.getLogger(__name__)
@@ -193,14 +194,16 @@ def select_merge_params(method, tasks: Sequence[Episode], base_seed: int) -> dic
     Sets ``method.params`` and returns ``{"chosen": ..., "validation": [{"params", "acc"}, ...]}``.
     """
     grid = merge_grid(method.cfg)
-    accs = torch.zeros(len(grid), dtype=torch.float64)
-    for t, e in enumerate(tasks):
+    per_task = {}
+    for t in _my_tasks(len(tasks)):
+        e = tasks[t]
         scores = method.scores(e.support_images, e.support_labels, e.n_way, _task_generator(base_seed, t, 1))
-        for g, params in enumerate(grid):
+        per_task[t] = []
+        for params in grid:
             with method.adapt_with(e.support_images, e.support_labels, e.n_way, scores, params) as (fn, _):
                 with torch.no_grad():
-                    accs[g] += _accuracy(fn(e.query_images), e.query_labels)
-    accs /= max(1, len(tasks))
+                    per_task[t].append(_accuracy(fn(e.query_images), e.query_labels))
+    accs = _task_mean(gather_by_index(per_task), len(tasks), len(grid))
     best = int(torch.argmax(accs))  # first maximum
     method.params = grid[best]
     return {"chosen": grid[best].as_dict(),
@@ -209,18 +212,35 @@ def select_merge_params(method, tasks: Sequence[Episode], base_seed: int) -> dic
 
 def select_finetune_lr(method, tasks: Sequence[Episode], base_seed: int) -> dict:
     """Choose the fine-tuning learning rate from ``method.cfg_ft.lr_grid`` on validation ``tasks``."""
-    results = []
-    for lr in method.cfg_ft.lr_grid:
-        method.lr = lr
-        acc = 0.0
-        for t, e in enumerate(tasks):
+    grid = list(method.cfg_ft.lr_grid)
+    per_task = {}
+    for t in _my_tasks(len(tasks)):
+        e = tasks[t]
+        per_task[t] = []
+        for lr in grid:
+            method.lr = lr
             with method.adapt(e.support_images, e.support_labels, e.n_way, _task_generator(base_seed, t, 2)) as (fn, _):
                 with torch.no_grad():
-                    acc += _accuracy(fn(e.query_images), e.query_labels)
-        results.append({"lr": lr, "acc": acc / max(1, len(tasks))})
+                    per_task[t].append(_accuracy(fn(e.query_images), e.query_labels))
+    accs = _task_mean(gather_by_index(per_task), len(tasks), len(grid))
+    results = [{"lr": lr, "acc": float(a)} for lr, a in zip(grid, accs)]
     best = max(results, key=lambda r: r["acc"])
     method.lr = best["lr"]
     return {"chosen_lr": best["lr"], "lr_validation": results}
+
+
+def _my_tasks(n_tasks: int) -> range:
+    """The task indices this process evaluates: ``t ≡ rank (mod world)`` (every task in a single process)."""
+    size, rank = world()
+    return range(rank, n_tasks, size)
+
+
+def _task_mean(per_task: Mapping[int, Sequence[float]], n_tasks: int, n_grid: int) -> torch.Tensor:
+    """Mean over tasks (summed in task order, so any number of processes gives the same bits) per grid point."""
+    accs = torch.zeros(n_grid, dtype=torch.float64)
+    for t in range(n_tasks):
+        accs += torch.tensor(per_task[t], dtype=torch.float64)
+    return accs / max(1, n_tasks)
 
 
 def validation_tasks(dataset: ImageDataset, n_way: int, n_shot: int, n_query: int, n_tasks: int,
@@ -243,17 +263,30 @@ def evaluate_domain(
     """Per-task accuracies ``{method: {condition key: [acc, ...]}}`` and per-task records of every method."""
     n_tasks = max(c.n_tasks for c in conds)
     sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query, generator, dataset.name)
-    accs: dict[str, dict[tuple, list[float]]] = {m: {c.key(): [] for c in conds} for m in methods}
-    records: dict[str, list] = {m: [] for m in methods}
-    for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True):
-        episode = load_episode(dataset, sampler.sample()).to(device)
+    mine = set(_my_tasks(n_tasks))
+    per_task: dict[int, tuple[dict, dict]] = {}
+    for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
+        indices = sampler.sample()  # every rank draws every task, so the task stream is the same
+        if t not in mine:
+            continue
+        episode = load_episode(dataset, indices).to(device)
         corrupted = corrupted_queries(episode, conds, t, base_seed)
+        task_accs, task_records = {}, {}
         for name, method in methods.items():
             with method.adapt(episode.support_images, episode.support_labels, episode.n_way,
                               _task_generator(base_seed, t, 0)) as (logits_fn, record):
-                for key, acc in evaluate_task(logits_fn, episode, conds, t, base_seed, corrupted).items():
-                    accs[name][key].append(acc)
-            records[name].append(record)
+                task_accs[name] = evaluate_task(logits_fn, episode, conds, t, base_seed, corrupted)
+            task_records[name] = record
+        per_task[t] = (task_accs, task_records)
+    per_task = gather_by_index(per_task)
+    accs: dict[str, dict[tuple, list[float]]] = {m: {c.key(): [] for c in conds} for m in methods}
+    records: dict[str, list] = {m: [] for m in methods}
+    for t in range(n_tasks):  # task order, whatever process evaluated the task
+        task_accs, task_records = per_task[t]
+        for name in methods:
+            for key, acc in task_accs[name].items():
+                accs[name][key].append(acc)
+            records[name].append(task_records[name])
     return accs, records
 
 

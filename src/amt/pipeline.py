@@ -21,6 +21,7 @@ import torch
 from amt.backbone import build_backbone, fingerprint, precision_dtype, save_backbone
 from amt.config import ConfigError, ExperimentConfig, MethodConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
 from amt.data.datasets import load_domain
+from amt.distributed import close_distributed, init_distributed, is_main, world
 from amt.evaluate import evaluate, write_results
 
 log = logging.getLogger(__name__)
@@ -146,27 +147,34 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     cfg = resolve(cfg)
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.eval.seed)
-    device = resolve_device(cfg.device)
-    methods = build_methods(cfg)
-    fine_tuned = any(m.finetune for m in cfg.methods)
-    dtype = precision_dtype(cfg.precision, device, training=fine_tuned)
-    for method in methods.values():
-        model = getattr(method, "inner", method).model.to(device)
-        model.autocast_dtype = dtype
-    domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
-    tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
-    validation = validation_sets(domains, cfg) if tunable else {}
-    results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
-                       device=device)
-    results["device"] = str(device)
-    results["precision"] = cfg.precision
-    first = build_backbone(cfg.backbone)
-    results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
-                           "fingerprint": fingerprint(first.vit)}
-    results["methods"] = [to_dict(m) for m in cfg.methods]
-    results["spectra"] = pool_spectra(methods)
-    write_results(results, out_dir)
-    save_config(cfg, out_dir / "config.yaml")
+    started = init_distributed()  # under torchrun: tasks are shared out across ranks and gathered
+    try:
+        device = resolve_device(cfg.device)
+        methods = build_methods(cfg)
+        fine_tuned = any(m.finetune for m in cfg.methods)
+        dtype = precision_dtype(cfg.precision, device, training=fine_tuned)
+        for method in methods.values():
+            model = getattr(method, "inner", method).model.to(device)
+            model.autocast_dtype = dtype
+        domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
+        tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
+        validation = validation_sets(domains, cfg) if tunable else {}
+        results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
+                           device=device)
+        results["device"] = str(device)
+        results["precision"] = cfg.precision
+        results["processes"] = world()[0]
+        first = build_backbone(cfg.backbone)
+        results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
+                               "fingerprint": fingerprint(first.vit)}
+        results["methods"] = [to_dict(m) for m in cfg.methods]
+        results["spectra"] = pool_spectra(methods)
+        if is_main():
+            write_results(results, out_dir)
+            save_config(cfg, out_dir / "config.yaml")
+    finally:
+        if started:
+            close_distributed()
     return results
 
 
@@ -275,7 +283,7 @@ def run_train(
     device = resolve_device(cfg.device)
     backbone.to(device)
     backbone.autocast_dtype = precision_dtype(cfg.precision, device, training=True)
-    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    main_rank = is_main()
     try:
         if main_rank:
             save_config(cfg, out / "config.yaml")
@@ -290,22 +298,5 @@ def run_train(
         manifest = write_manifest(out, header) if main_rank else {}
     finally:
         if started:
-            torch.distributed.barrier()  # without it the exit can crash while a peer is still communicating
-            torch.distributed.destroy_process_group()
+            close_distributed()
     return manifest
-
-
-def init_distributed() -> bool:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); True if this call created it.
-
-    Ranks split each step's episodes (``train.episodes_per_step``) and average the gradients; gloo on CPU,
-    NCCL on GPUs.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl")
-    else:
-        torch.distributed.init_process_group("gloo")
-    return True

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from amt import distributed
 from amt.attacks import adversarial_queries
 from amt.config import AttackConfig, ConfigError, HeadConfig, PerturbConfig, PoolConfig, TrainConfig, to_dict
 from amt.data.datasets import ImageDataset
@@ -295,7 +296,7 @@ def train_member(
         stop_after: stop (after checkpointing) once this many episodes are done — for time-sliced jobs.
     Returns a summary dict (episodes, best validation accuracy, final metrics, seconds).
     """
-    world, rank = _world()
+    world, rank = distributed.world()
     main_rank = rank == 0
     if cfg.episodes_per_step < 1 or cfg.episodes_per_step % world:
         raise ConfigError(f"train.episodes_per_step={cfg.episodes_per_step} must be a positive multiple of the "
@@ -386,13 +387,6 @@ def train_member(
     return {"episodes": end, "finished": finished, "best": best, "kept": kept,
             "final": final, "scale": float(scale.detach()),
             "seconds": time.perf_counter() - begin}
-
-
-def _world() -> tuple[int, int]:
-    """(number of processes, this rank) of the default process group, or (1, 0) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
 
 
 def _episode_seed(seed: int, step: int, j: int) -> int:
