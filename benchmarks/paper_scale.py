@@ -8,6 +8,8 @@ members on every qkv/proj/fc1/fc2 (SVD init), 5-way tasks with 15 queries per cl
 - ``task_clean_s[shot]``: one AMT test task — member scores (Algorithm 2), top-2 merge, trimming of every
   layer at ρ = 0.5, clean query accuracy, restore — through ``amt.evaluate.evaluate_task``;
 - ``task_pgd_s[shot]``: the same task plus PGD-10 (ℓ∞, ε = 4.5/255, step ε/10) on the queries;
+- ``task_clean_breakdown_s``: member scores, merge + trim + support forward, merge + support forward
+  (no trim), query forward;
 - ``agreement``: per precision, argmax agreement (%) of the clean query predictions with fp32 and the
   largest relative feature difference, on the same tasks (random weights, so a numerical check only).
 
@@ -48,6 +50,21 @@ ATTACK = AttackConfig(eps=4.5 / 255, step_size=0.45 / 255, steps=10)  # the pape
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Seconds between successive ``lap()`` calls, with the device's queued work finished."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        sync(device)
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        sync(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 def build(arch: str, image_size: int, device: torch.device) -> Backbone:
@@ -117,6 +134,20 @@ def time_tasks(model: Backbone, image_size: int, shot: int, tasks: int, device: 
             sync(device)
             if t > 0:
                 out[kind].append(time.perf_counter() - t0)
+    e = episode(shot, 15, image_size, 999, device)  # where a clean task's time goes (median of 3)
+    parts: dict[str, list[float]] = {"scores": [], "query_forward": []}
+    for t in range(3):
+        clock = Clock(device)
+        scores = method.scores(e.support_images, e.support_labels, 5, torch.Generator().manual_seed(t))
+        parts["scores"].append(clock.lap())
+        for key, params in (("merge_trim_support", method.params), ("merge_support", MergeParams(rho=1.0))):
+            with method.adapt_with(e.support_images, e.support_labels, 5, scores, params):
+                pass
+            parts.setdefault(key, []).append(clock.lap())
+        with torch.no_grad():
+            model(e.query_images)
+        parts["query_forward"].append(clock.lap())
+    out["breakdown"] = {k: float(np.median(v)) for k, v in parts.items()}
     return out
 
 
@@ -132,6 +163,7 @@ def measure(arch: str, image_size: int, device: torch.device, precisions: list[s
             r = time_tasks(model, image_size, shot, tasks, device)
             run[f"task_clean_s_{shot}shot"] = float(np.mean(r["clean"]))
             run[f"task_pgd_s_{shot}shot"] = float(np.mean(r["pgd"]))
+            run[f"task_clean_breakdown_s_{shot}shot"] = r["breakdown"]
             if precision == precisions[0]:
                 reference[shot] = r
             else:

@@ -92,6 +92,25 @@ def test_trimming_keeps_the_expected_rank_and_rho_one_is_the_identity():
         trim_weight(w, 0.0)
 
 
+def test_batched_trimming_equals_trimming_each_layer():
+    from amt.merge import trim_
+
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(3, 40, 24, generator=g)
+    batched = trim_weight(stack, 0.5)
+    for w, t in zip(stack, batched):
+        torch.testing.assert_close(t, trim_weight(w, 0.5), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(trim_weight(stack, 0.5, "svd"), batched, atol=1e-5, rtol=1e-5)
+    model = _pool()  # layers of several shapes (qkv, proj, fc1, fc2), trimmed in one call per shape
+    with merged_task(model, {"m0": 0.5, "m1": 0.5}):
+        expected = {n: trim_weight(layer.weight, 0.5) for n, layer in trimmed_layers(model, "all").items()}
+        trim_(model, 0.5, "all")
+        for n, layer in trimmed_layers(model, "all").items():
+            torch.testing.assert_close(layer.weight, expected[n], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="trim method"):
+        trim_weight(stack, 0.5, "qr")
+
+
 def test_pseudo_queries_are_seeded_augmentations_in_range():
     x, y = _support()
     a, ya = pseudo_queries(x, y, CFG, torch.Generator().manual_seed(0))

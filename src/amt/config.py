@@ -167,6 +167,7 @@ class MergeConfig:
     beta_grid: tuple[float, ...] = (1.0, 4.0, 8.0, 12.0)  # β: sharpness of u = exp(-β(1 - score))
     rho_grid: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)  # ρ: fraction of singular values kept (1 = no trim)
     trim_layers_grid: tuple[str, ...] = ("attn", "mlp", "all")  # layer groups trimmed when ρ < 1
+    trim_method: str = "gram"  # "gram" (float64 Gram eigh, fastest) | "svd" (exact SVD): amt.merge.trim_weight
     pseudo_per_image: int = 4  # augmented copies of each support image used as pseudo-queries
     aug_prob: float = 0.9  # probability that a pseudo-query is augmented at all
     translate: float = 0.125  # max translation, fraction of the image side
