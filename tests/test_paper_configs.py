@@ -140,3 +140,16 @@ def test_documented_overrides_parse():
     assert cfg.eval.shots == (1,) and cfg.merge.rho_grid == (1.0,) and cfg.train.n_shot == 5
     assert cfg.pool.attack.steps == 5 and cfg.pool.attack.objective == "kl"  # the rest of the template kept
     assert cfg.eval.corruptions == ("all",) and len(cfg.eval.eps_sweep) == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_presets_resolve_without_touching_the_placeholder_paths(name):
+    """`resolve` (what every CLI verb runs first) keeps a custom preset's domains and checkpoint as written;
+    the readers and the checkpoint loader are what name a missing file, when a run opens it."""
+    from amt.pipeline import resolve
+
+    cfg = _load(name)
+    resolved = resolve(cfg)
+    assert resolved.domains == cfg.domains and resolved.train_domain == cfg.train_domain
+    assert resolved.backbone.checkpoint == cfg.backbone.checkpoint
+    assert resolved.precision == "fp32" and resolved.merge.trim_method == "gram"
