@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from amt.config import HeadConfig, PerturbConfig
+from amt.distributed import close_distributed
 from amt.lora import adapter_state_dict
 from amt.train import MemberSpec, train_member
 
@@ -34,8 +35,7 @@ def _worker(rank: int, store: str, root: str, out: str, result: str) -> None:
         if rank == 0:
             torch.save(state, result)
     finally:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        close_distributed()
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
@@ -95,8 +95,7 @@ def _eval_worker(rank: int, store: str, root: str, result: str) -> None:
         out = _eval_run(root)
         Path(f"{result}.{rank}").write_text(json.dumps(out))
     finally:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        close_distributed()
 
 
 def test_two_gloo_processes_evaluate_the_same_numbers_as_one(tmp_path):
