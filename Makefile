@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/amt demo --config configs/embedded.yaml --out runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from amt.backbone import Backbone, build_vit
-from amt.config import LoRAConfig, MergeConfig
+from amt.config import AugmentConfig, LoRAConfig, MergeConfig
 from amt.lora import inject_lora, lora_layers, merged
-from amt.merge import PoolMethod, trim_weight, trimmed_layers
+from amt.merge import trim_weight, trimmed_layers
+from amt.methods import PoolMethod
+from amt.rundir import LoadedPool
 from record import write_record
 
 log = logging.getLogger("benchmarks.merge")
@@ -68,7 +70,8 @@ def measure(arch: str, image_size: int, repeats: int) -> dict:
                     layer.weight.copy_(trim_weight(layer.weight, 0.5, method))
         return run
 
-    pool = PoolMethod(model, NAMES, "amt", MergeConfig(pseudo_per_image=4, hflip=False))
+    pool = PoolMethod(model, LoadedPool(tuple(NAMES), (10.0,) * len(NAMES)), "ttm", MergeConfig(),
+                      AugmentConfig(pseudo_per_image=4, hflip=False))
     out: dict = {"arch": arch, "image_size": image_size, "n_queries": 75, "pool": len(NAMES), "rank": 8,
                  "lora_layers": len(lora_layers(model)), "trim_rho": 0.5}
     out["query_forward_s"] = timed(forward, repeats)
@@ -78,7 +81,8 @@ def measure(arch: str, image_size: int, repeats: int) -> dict:
                            for grp in ("mlp", "attn", "all")}
     q = out["query_forward_s"]
     out["ratio_merge_over_forward"] = out["merge_s"] / q
-    out["ratio_merge_trim_over_forward"] = {grp: {m: t / q for m, t in v.items()} for grp, v in out["merge_trim_s"].items()}
+    out["ratio_merge_trim_over_forward"] = {grp: {m: t / q for m, t in v.items()}
+                                            for grp, v in out["merge_trim_s"].items()}
     out["ratio_scores_over_forward"] = out["scores_s"] / q
     log.info("%s", json.dumps(out))
     return out

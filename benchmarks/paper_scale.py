@@ -34,11 +34,27 @@ import torch
 from PIL import Image
 
 from amt.backbone import Backbone, build_vit, precision_dtype
-from amt.config import AttackConfig, EvalConfig, LoRAConfig, MergeConfig, PerturbConfig, PoolConfig
+from amt.config import (
+    AttackConfig,
+    AugmentConfig,
+    EvalConfig,
+    LoRAConfig,
+    MergeConfig,
+    PerturbConfig,
+    PoolConfig,
+)
 from amt.data.episodes import Episode
 from amt.evaluate import conditions, evaluate_task
-from amt.lora import adapter_parameters, inject_lora, lora_layers, mark_trainable, set_active_adapter
-from amt.merge import MergeParams, PoolMethod
+from amt.lora import (
+    adapter_parameters,
+    inject_lora,
+    lora_layers,
+    mark_trainable,
+    set_active_adapter,
+)
+from amt.merge import MergeParams
+from amt.methods import PoolMethod
+from amt.rundir import LoadedPool
 from amt.train import member_attack, training_step
 from record import write_record
 
@@ -116,8 +132,9 @@ def time_training(model: Backbone, image_size: int, episodes: int, device: torch
 
 def time_tasks(model: Backbone, image_size: int, shot: int, tasks: int, device: torch.device) -> dict:
     """Mean seconds per AMT task, clean only and clean + PGD-10; the per-task predictions and features."""
-    method = PoolMethod(model, NAMES, "amt", MergeConfig(top_k=2), scale=10.0)
-    method.params = MergeParams(lambda_=0.5, beta=6.0, rho=0.5, trim_layers="all")
+    method = PoolMethod(model, LoadedPool(tuple(NAMES), (10.0,) * len(NAMES)), "ttm", MergeConfig(top_k=2),
+                        AugmentConfig())
+    method.params = MergeParams(lambda_=0.5, beta=6.0, rho=0.5, trim_group="all")
     conds = conditions(EvalConfig(n_tasks=tasks, adv_tasks=tasks, eps_sweep=(), l2_eps=(), corruptions=()), ATTACK)
     out: dict = {"clean": [], "pgd": [], "pred": [], "feat": []}
     for t in range(tasks + 1):  # task 0 is a warm-up
@@ -170,7 +187,8 @@ def measure(arch: str, image_size: int, device: torch.device, precisions: list[s
                 ref = reference[shot]
                 agree = float(np.mean([float((a == b).float().mean()) for a, b in zip(r["pred"], ref["pred"])]))
                 rel = max(float((a - b).norm() / b.norm()) for a, b in zip(r["feat"], ref["feat"]))
-                run[f"agreement_vs_{precisions[0]}_{shot}shot"] = {"argmax_pct": 100 * agree, "max_rel_feature_diff": rel}
+                run[f"agreement_vs_{precisions[0]}_{shot}shot"] = {"argmax_pct": 100 * agree,
+                                                                    "max_rel_feature_diff": rel}
         log.info("%s", json.dumps(run))
         runs.append(run)
     model.autocast_dtype = None
@@ -199,10 +217,11 @@ def end_to_end(out: Path, device: str, precision: str, episodes: int, tasks: int
     (out / "splits.json").write_text(json.dumps({"train": classes[:15], "val": classes[15:20], "test": classes[20:]}))
     common = ["--config", "configs/paper/dino_vits16.yaml", "--set", "backbone.checkpoint=null",
               "--set", f"backbone.arch={arch}", "--set", f"backbone.image_size={image_size}",
-              "--set", f"data.image_size={image_size}",
               "--set", f"device={device}", "--set", f"precision={precision}",
-              "--set", f"train_domain={{name: syn, path: {data}, format: folder, splits: {out / 'splits.json'}, split: train, in_domain: true}}",
-              "--set", f"domains=[{{name: syn, path: {data}, splits: {out / 'splits.json'}, split: test, in_domain: true}}]"]
+              "--set", f"train_domain={{name: syn, path: {data}, format: folder, splits: {out / 'splits.json'}, "
+                       "split: train, in_domain: true}",
+              "--set", f"domains=[{{name: syn, path: {data}, splits: {out / 'splits.json'}, split: test, "
+                       "in_domain: true}]"]
     t0 = time.perf_counter()
     rc = amt(["train", *common, "--out", str(out / "pool"), "--set", "train.epochs=1",
               "--set", f"train.episodes_per_epoch={episodes}", "--set", "train.warmup_epochs=0.2",
@@ -214,7 +233,7 @@ def end_to_end(out: Path, device: str, precision: str, episodes: int, tasks: int
     rc = amt(["evaluate", *common, "--out", str(out / "eval"), "--set", f"eval.n_tasks={tasks}",
               "--set", f"eval.adv_tasks={tasks}", "--set", "eval.val_tasks=2",
               "--set", "merge.lambda_grid=[0.5]", "--set", "merge.beta_grid=[4.0]", "--set", "merge.rho_grid=[1.0,0.5]",
-              "--set", "merge.trim_layers_grid=[all]",
+              "--set", "merge.trim_group_grid=[all]",
               "--set", f"methods=[{{name: PM}}, {{name: AMT, pool: {out / 'pool'}}}]"])
     eval_s = time.perf_counter() - t0
     if rc:

@@ -19,28 +19,25 @@ from amt.attacks import (
     pyramid_pgd,
     run_attack,
 )
-from amt.backbone import Backbone, build_vit
+from amt.backbone import Backbone
 from amt.config import AttackConfig, from_dict, to_dict
 from amt.head import cosine_logits
+
+from conftest import assert_same_state, gen, snapshot, tiny_backbone
 
 SIZE, N_WAY, N_QUERY = 32, 5, 6
 TOL = 1e-6
 EPS = {"linf": 8 / 255, "l2": 0.5}
 
 
-def _model(arch: str) -> Backbone:
-    torch.manual_seed(0)
-    return Backbone(build_vit(arch, SIZE)).eval()
-
-
 @pytest.fixture(scope="module")
 def backbone() -> Backbone:
-    return _model("vit_tiny_test")
+    return tiny_backbone("vit_tiny_test", SIZE)
 
 
 @pytest.fixture(scope="module")
 def data(backbone):
-    g = torch.Generator().manual_seed(1)
+    g = gen(1)
     images = torch.rand(N_QUERY, 3, SIZE, SIZE, generator=g)
     images[0, :, :4] = 0.0  # saturated pixels exercise the [0, 1] clamp
     images[1, :, :4] = 1.0
@@ -65,13 +62,9 @@ def _dist(norm, a, b):
     return _linf(a, b) if norm == "linf" else _l2(a, b)
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _same_norm_noise(norm, images, eps, seed):
     """Random perturbation at the ball's boundary: ±eps signs (ℓ∞) or a Gaussian scaled to ‖δ‖₂ = eps."""
-    g = _gen(100 + seed)
+    g = gen(100 + seed)
     if norm == "linf":
         delta = (torch.randint(0, 2, images.shape, generator=g) * 2 - 1).float() * eps
     else:
@@ -85,7 +78,7 @@ def test_output_in_eps_ball_and_unit_box_and_detached(backbone, data, norm):
     images, labels, protos = data
     loss = ce_objective(_logits_fn(backbone, protos), labels)
     eps = EPS[norm]
-    adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 2, steps=3, generator=_gen())
+    adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 2, steps=3, generator=gen())
     assert adv.shape == images.shape and adv.dtype == images.dtype
     assert not adv.requires_grad and adv.grad_fn is None
     assert bool((_dist(norm, adv, images) <= eps + TOL).all())
@@ -100,7 +93,7 @@ def test_eps_zero_returns_input_exactly_without_calling_the_loss(data, attack):
     def never(x):
         raise AssertionError("loss_fn must not be called at eps = 0")
 
-    adv = ATTACKS[attack](never, images, eps=0.0, step_size=0.1, steps=3, generator=_gen())
+    adv = ATTACKS[attack](never, images, eps=0.0, step_size=0.1, steps=3, generator=gen())
     assert torch.equal(adv, images) and adv is not images
 
 
@@ -108,8 +101,10 @@ def test_eps_zero_returns_input_exactly_without_calling_the_loss(data, attack):
 def test_steps_zero_is_random_start_or_input(data, norm):
     images = data[0]
     eps = EPS[norm]
-    never = lambda x: (_ for _ in ()).throw(AssertionError("no step at steps = 0"))  # noqa: E731
-    start = pgd(never, images, norm=norm, eps=eps, step_size=0.1, steps=0, generator=_gen())
+    def never(x):
+        raise AssertionError("no step at steps = 0")
+
+    start = pgd(never, images, norm=norm, eps=eps, step_size=0.1, steps=0, generator=gen())
     assert bool((_dist(norm, start, images) <= eps + TOL).all()) and start.min() >= 0 and start.max() <= 1
     assert not torch.equal(start, images)
     plain = pgd(never, images, norm=norm, eps=eps, step_size=0.1, steps=0, random_start=False)
@@ -120,8 +115,8 @@ def test_steps_zero_is_random_start_or_input(data, norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_ce_attack_raises_loss_and_beats_random_noise(data, arch, norm):
     images, labels, _ = data
-    model = _model(arch)
-    protos = torch.randn(N_WAY, model.embed_dim, generator=_gen(3))
+    model = tiny_backbone(arch, SIZE)
+    protos = torch.randn(N_WAY, model.embed_dim, generator=gen(3))
     loss = ce_objective(_logits_fn(model, protos), labels)
     eps = EPS[norm]
     with torch.no_grad():
@@ -129,7 +124,7 @@ def test_ce_attack_raises_loss_and_beats_random_noise(data, arch, norm):
         noise = sum(loss(_same_norm_noise(norm, images, eps, s)).item() for s in range(3)) / 3
     adv_losses = []
     for s in range(2):
-        adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 3, steps=5, generator=_gen(s), model=model)
+        adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 3, steps=5, generator=gen(s), model=model)
         with torch.no_grad():
             adv_losses.append(loss(adv).item())
     adv_mean = sum(adv_losses) / len(adv_losses)
@@ -148,7 +143,7 @@ def test_kl_attack_is_positive_and_beats_random_noise(backbone, data, norm):
     with torch.no_grad():
         assert abs(loss(images).item()) < 1e-6  # KL(p ‖ p) = 0
         noise = sum(loss(_same_norm_noise(norm, images, eps, s)).item() for s in range(3)) / 3
-    adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 3, steps=5, generator=_gen(), model=backbone)
+    adv = pgd(loss, images, norm=norm, eps=eps, step_size=eps / 3, steps=5, generator=gen(), model=backbone)
     with torch.no_grad():
         adv_kl = loss(adv).item()
     assert adv_kl > 0 and adv_kl > noise
@@ -157,8 +152,8 @@ def test_kl_attack_is_positive_and_beats_random_noise(backbone, data, norm):
 @pytest.mark.parametrize("attack", ["pgd", "pyramid"])
 def test_eval_mode_inside_previous_modes_restored_even_on_error(data, attack):
     images, labels, _ = data
-    model = _model("vit_tiny_test")
-    protos = torch.randn(N_WAY, model.embed_dim, generator=_gen(4))
+    model = tiny_backbone("vit_tiny_test", SIZE)
+    protos = torch.randn(N_WAY, model.embed_dim, generator=gen(4))
     model.train()
     model.vit.blocks[0].eval()  # a mixed-mode model must come back exactly as it was
     before = {name: m.training for name, m in model.named_modules()}
@@ -169,7 +164,7 @@ def test_eval_mode_inside_previous_modes_restored_even_on_error(data, attack):
         seen.append(any(m.training for m in model.modules()))
         return F.cross_entropy(logits_fn(x), labels)
 
-    ATTACKS[attack](loss, images, eps=4 / 255, step_size=1 / 255, steps=2, generator=_gen(), model=model)
+    ATTACKS[attack](loss, images, eps=4 / 255, step_size=1 / 255, steps=2, generator=gen(), model=model)
     assert seen and not any(seen)
     assert {name: m.training for name, m in model.named_modules()} == before
 
@@ -177,7 +172,7 @@ def test_eval_mode_inside_previous_modes_restored_even_on_error(data, attack):
         raise RuntimeError("closure failed")
 
     with pytest.raises(RuntimeError, match="closure failed"):
-        ATTACKS[attack](boom, images, eps=4 / 255, step_size=1 / 255, steps=2, generator=_gen(), model=model)
+        ATTACKS[attack](boom, images, eps=4 / 255, step_size=1 / 255, steps=2, generator=gen(), model=model)
     assert {name: m.training for name, m in model.named_modules()} == before
 
 
@@ -186,22 +181,20 @@ def test_eval_mode_none_is_a_noop():
     with eval_mode(None):
         ran.append(True)
     assert ran == [True]
-    with pytest.raises(RuntimeError, match="inside"):  # errors in the block still propagate
-        with eval_mode(None):
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(None):  # errors in the block still propagate
+        raise RuntimeError("inside")
 
 
 @pytest.mark.parametrize("attack", ["pgd", "pyramid"])
 def test_parameters_unchanged_bit_for_bit_and_grads_stay_none(data, attack):
     images, labels, _ = data
-    model = _model("vit_tiny_test")
+    model = tiny_backbone("vit_tiny_test", SIZE)
     scale = torch.nn.Parameter(torch.tensor(10.0))  # a trainable logit scale, as in meta-tuning
-    protos = torch.randn(N_WAY, model.embed_dim, generator=_gen(5))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    protos = torch.randn(N_WAY, model.embed_dim, generator=gen(5))
+    state = snapshot(model)
     loss = ce_objective(lambda x: cosine_logits(model(x), protos, scale), labels)
-    ATTACKS[attack](loss, images, eps=4 / 255, step_size=1 / 255, steps=3, generator=_gen(), model=model)
-    after = model.state_dict()
-    assert all(torch.equal(state[k], after[k]) for k in state)
+    ATTACKS[attack](loss, images, eps=4 / 255, step_size=1 / 255, steps=3, generator=gen(), model=model)
+    assert_same_state(state, model)
     assert all(p.grad is None for p in model.parameters()) and scale.grad is None
 
 
@@ -212,36 +205,41 @@ def test_same_seed_same_output(backbone, data, norm):
     eps = EPS[norm]
 
     def run(seed):
-        return pgd(loss, images, norm=norm, eps=eps, step_size=eps / 4, steps=3, generator=_gen(seed))
+        return pgd(loss, images, norm=norm, eps=eps, step_size=eps / 4, steps=3, generator=gen(seed))
 
     def run_pyramid(seed):
-        return pyramid_pgd(loss, images, eps=2 / 255, step_size=1 / 255, steps=2, generator=_gen(seed))
+        return pyramid_pgd(loss, images, eps=2 / 255, step_size=1 / 255, steps=2, generator=gen(seed))
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
     assert torch.equal(run_pyramid(7), run_pyramid(7))
 
 
-def test_works_under_no_grad(backbone, data):
+@pytest.mark.parametrize("attack", ["pgd", "pyramid"])
+def test_works_under_no_grad(backbone, data, attack):
+    """Without a random start only gradient steps can move the images: under no_grad they must still be taken."""
     images, labels, protos = data
     loss = ce_objective(_logits_fn(backbone, protos), labels)
+    kwargs = {"eps": 2 / 255, "step_size": 1 / 255, "steps": 2, "random_start": False}
     with torch.no_grad():
-        adv = pgd(loss, images, eps=4 / 255, step_size=1 / 255, steps=2, generator=_gen())
+        adv = ATTACKS[attack](loss, images, **kwargs)
+        assert loss(adv).item() > loss(images).item()
     assert not torch.equal(adv, images)
+    assert torch.equal(adv, ATTACKS[attack](loss, images, **kwargs))  # the same steps as with grad enabled
 
 
 def test_pyramid_respects_its_documented_bound(backbone, data):
     images, labels, protos = data
     loss = ce_objective(_logits_fn(backbone, protos), labels)
     eps = 2 / 255
-    adv = pyramid_pgd(loss, images, eps=eps, step_size=eps / 2, steps=3, generator=_gen())
+    adv = pyramid_pgd(loss, images, eps=eps, step_size=eps / 2, steps=3, generator=gen())
     bound = pyramid_bound(eps)
     assert bound == pytest.approx(31 * eps)
     assert bool((_linf(adv, images) <= bound + TOL).all()) and adv.min() >= 0 and adv.max() <= 1
     assert _linf(adv, images).max() > 5 * eps  # the pyramid is far larger than an eps ℓ∞ attack
     assert not adv.requires_grad
 
-    clipped = pyramid_pgd(loss, images, eps=eps, step_size=eps / 2, steps=3, total_eps=8 / 255, generator=_gen())
+    clipped = pyramid_pgd(loss, images, eps=eps, step_size=eps / 2, steps=3, total_eps=8 / 255, generator=gen())
     assert pyramid_bound(eps, total_eps=8 / 255) == pytest.approx(8 / 255)
     assert bool((_linf(clipped, images) <= 8 / 255 + TOL).all()) and clipped.min() >= 0 and clipped.max() <= 1
 
@@ -251,7 +249,7 @@ def test_pyramid_coarse_level_is_constant_on_its_cells(backbone, data):
     images = torch.full((N_QUERY, 3, SIZE, SIZE), 0.5)  # mid-grey: no pixel reaches the [0, 1] clamp
     loss = ce_objective(_logits_fn(backbone, protos), labels)
     adv = pyramid_pgd(loss, images, eps=1 / 255, step_size=0.5 / 255, steps=2, grids=(4,), multipliers=(20.0,),
-                      generator=_gen())
+                      generator=gen())
     delta = (adv - images).view(N_QUERY, 3, 4, SIZE // 4, 4, SIZE // 4)
     cell_min, cell_max = delta.amin(dim=(3, 5)), delta.amax(dim=(3, 5))
     assert torch.allclose(cell_min, cell_max, atol=1e-6)
@@ -262,13 +260,13 @@ def test_config_driven_attacks(backbone, data):
     images, labels, protos = data
     logits_fn = _logits_fn(backbone, protos)
     cfg = AttackConfig()
-    adv = adversarial_queries(cfg, logits_fn, images, labels=labels, generator=_gen(), model=backbone)
+    adv = adversarial_queries(cfg, logits_fn, images, labels=labels, generator=gen(), model=backbone)
     assert bool((_linf(adv, images) <= cfg.eps + TOL).all())
     kl_cfg = AttackConfig(norm="l2", eps=0.25, step_size=0.1, steps=2, objective="kl")
-    adv = adversarial_queries(kl_cfg, logits_fn, images, generator=_gen(), model=backbone)
+    adv = adversarial_queries(kl_cfg, logits_fn, images, generator=gen(), model=backbone)
     assert bool((_l2(adv, images) <= 0.25 + TOL).all())
     pyr = AttackConfig(eps=1 / 255, step_size=0.5 / 255, steps=2, pyramid=True, pyramid_total_eps=16 / 255)
-    adv = run_attack(pyr, ce_objective(logits_fn, labels), images, generator=_gen())
+    adv = run_attack(pyr, ce_objective(logits_fn, labels), images, generator=gen())
     bound = pyramid_bound(pyr.eps, pyr.pyramid_multipliers, pyr.pyramid_total_eps)
     assert bound == pytest.approx(16 / 255)
     assert bool((_linf(adv, images) <= bound + TOL).all())

@@ -1,4 +1,4 @@
-"""Backbone: architectures, strict checkpoint loading in every supported form, resizing, identity."""
+"""Backbone and checkpoints: architectures, strict checkpoint loading in every supported form, resizing, identity."""
 
 from __future__ import annotations
 
@@ -12,24 +12,20 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from amt.backbone import (
-    Backbone,
-    CheckpointError,
-    build_backbone,
-    build_vit,
-    fingerprint,
-    load_checkpoint,
-    save_backbone,
-)
+from amt.backbone import Backbone, build_backbone, build_vit
+from amt.checkpoints import CheckpointError, fingerprint, load_checkpoint, save_backbone
 from amt.config import LORA_TARGETS, BackboneConfig
 
+from conftest import gen, tiny_vit
 
-def tiny_vit(depth: int = 2, dim: int = 48, img: int = 64, num_classes: int = 0, seed: int = 0) -> VisionTransformer:
-    """Same shape as the registered ``vit_tiny_test`` (for depth=2, dim=48), random weights from ``seed``."""
-    torch.manual_seed(seed)
-    return VisionTransformer(
-        img_size=img, patch_size=16, embed_dim=dim, depth=depth, num_heads=3, num_classes=num_classes
-    ).eval()
+
+def source_vit(depth: int = 2, dim: int = 48, num_classes: int = 0, seed: int = 0) -> VisionTransformer:
+    """A checkpoint writer's ViT: ``vit_tiny_test``'s layout at 64 px except for ``depth``, ``dim``, ``num_classes``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(
+            img_size=64, patch_size=16, embed_dim=dim, depth=depth, num_heads=3, num_classes=num_classes
+        ).eval()
 
 
 def features(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +36,7 @@ def features(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return torch.rand(3, 3, 64, 64, generator=gen(1))
 
 
 def load_into_fresh(path: Path, key: str = "auto", arch: str = "vit_tiny_test", size: int = 64) -> VisionTransformer:
@@ -53,14 +49,14 @@ def load_into_fresh(path: Path, key: str = "auto", arch: str = "vit_tiny_test", 
 
 
 def test_bare_dino_state_dict_loads_bit_identical(tmp_path, images):
-    src = tiny_vit()
+    src = tiny_vit(image_size=64)
     path = tmp_path / "dino_backbone.pth"
     torch.save(src.state_dict(), path)
     assert torch.equal(features(load_into_fresh(path), images), features(src, images))
 
 
 def test_dino_full_training_checkpoint_prefers_teacher(tmp_path, images):
-    teacher, student = tiny_vit(seed=0), tiny_vit(seed=1)
+    teacher, student = tiny_vit(image_size=64, seed=0), tiny_vit(image_size=64, seed=1)
     ckpt = {
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()},
                     "head.mlp.0.weight": torch.randn(8, 48), "head.last_layer.weight_g": torch.ones(16, 1)},
@@ -78,7 +74,7 @@ def test_dino_full_training_checkpoint_prefers_teacher(tmp_path, images):
 
 
 def test_ibot_mask_token_is_dropped(tmp_path, images):
-    src = tiny_vit()
+    src = tiny_vit(image_size=64)
     sd = {f"backbone.{k}": v for k, v in src.state_dict().items()}
     path = tmp_path / "ibot.pth"
     torch.save({"teacher": {**sd, "backbone.masked_embed": torch.zeros(1, 48)}, "epoch": 3}, path)
@@ -86,7 +82,7 @@ def test_ibot_mask_token_is_dropped(tmp_path, images):
 
 
 def test_deit_model_dict_drops_classifier(tmp_path, images):
-    src = tiny_vit(num_classes=10)
+    src = source_vit(num_classes=10)
     path = tmp_path / "deit.pth"
     torch.save({"model": src.state_dict(), "epoch": 299, "args": argparse.Namespace(model="deit_tiny")}, path)
     info_vit = build_vit("vit_tiny_test", 64).eval()
@@ -96,7 +92,7 @@ def test_deit_model_dict_drops_classifier(tmp_path, images):
 
 
 def test_distilled_deit_into_plain_vit_names_dist_token(tmp_path):
-    src = tiny_vit(num_classes=10)
+    src = source_vit(num_classes=10)
     sd = {**src.state_dict(), "dist_token": torch.zeros(1, 1, 48),
           "head_dist.weight": torch.zeros(10, 48), "head_dist.bias": torch.zeros(10)}
     path = tmp_path / "deit_distilled.pth"
@@ -107,15 +103,14 @@ def test_distilled_deit_into_plain_vit_names_dist_token(tmp_path):
 
 
 def test_timm_safetensors_with_head(tmp_path, images):
-    src = tiny_vit(num_classes=10)
+    src = source_vit(num_classes=10)
     path = tmp_path / "timm.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     assert torch.equal(features(load_into_fresh(path), images), features(src, images))
 
 
 def test_save_backbone_roundtrip_glyph_vit(tmp_path):
-    torch.manual_seed(0)
-    src = Backbone(build_vit("amt_glyph_vit", 32)).eval()
+    src = Backbone(tiny_vit("amt_glyph_vit", 32)).eval()  # ImageNet mean/std, as BackboneConfig's default
     path = tmp_path / "out" / "glyph.safetensors"
     save_backbone(src, path, metadata={"arch": "amt_glyph_vit"})
     with safetensors.safe_open(str(path), "pt") as f:
@@ -133,7 +128,7 @@ def test_save_backbone_roundtrip_glyph_vit(tmp_path):
 
 def test_wrong_depth_lists_unexpected_blocks(tmp_path):
     path = tmp_path / "deeper.pth"
-    torch.save(tiny_vit(depth=3).state_dict(), path)
+    torch.save(source_vit(depth=3).state_dict(), path)
     with pytest.raises(CheckpointError) as err:
         load_into_fresh(path)
     msg = str(err.value)
@@ -142,7 +137,7 @@ def test_wrong_depth_lists_unexpected_blocks(tmp_path):
 
 def test_wrong_dim_lists_shapes(tmp_path):
     path = tmp_path / "wider.pth"
-    torch.save(tiny_vit(dim=96).state_dict(), path)
+    torch.save(source_vit(dim=96).state_dict(), path)
     with pytest.raises(CheckpointError) as err:
         load_into_fresh(path)
     msg = str(err.value)
@@ -161,7 +156,7 @@ def test_random_dict_lists_missing_and_unexpected(tmp_path):
 
 def test_training_checkpoint_with_key_none_is_refused(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    torch.save({"teacher": tiny_vit().state_dict(), "epoch": 1}, path)
+    torch.save({"teacher": tiny_vit(image_size=64).state_dict(), "epoch": 1}, path)
     with pytest.raises(CheckpointError, match="teacher"):
         load_into_fresh(path, key="none")
     with pytest.raises(CheckpointError, match="'model' is not in the checkpoint"):
@@ -204,13 +199,13 @@ class Plain:
 def test_pickled_code_is_refused_without_running(tmp_path):
     mark = tmp_path / "mark.txt"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": tiny_vit().state_dict(), "extra": Payload(mark)}, path)
+    torch.save({"state_dict": tiny_vit(image_size=64).state_dict(), "extra": Payload(mark)}, path)
     assert not mark.exists()
     with pytest.raises(CheckpointError, match="_leave_mark") as err:
         load_into_fresh(path)
     assert "safetensors" in str(err.value)
     assert not mark.exists()
-    torch.save({"state_dict": tiny_vit().state_dict(), "extra": Plain()}, path)
+    torch.save({"state_dict": tiny_vit(image_size=64).state_dict(), "extra": Plain()}, path)
     with pytest.raises(CheckpointError, match="Plain"):
         load_into_fresh(path)
 
@@ -220,7 +215,7 @@ def test_pickled_code_is_refused_without_running(tmp_path):
 
 @pytest.mark.parametrize("size,tokens", [(32, 2 * 2 + 1), (96, 6 * 6 + 1)])
 def test_pos_embed_resized_to_model_grid(tmp_path, size, tokens):
-    src = tiny_vit(img=64)
+    src = tiny_vit(image_size=64)
     path = tmp_path / "src64.pth"
     torch.save(src.state_dict(), path)
     vit = build_vit("vit_tiny_test", size)
@@ -231,7 +226,7 @@ def test_pos_embed_resized_to_model_grid(tmp_path, size, tokens):
 
 
 def test_pos_embed_same_size_is_identity_and_constant_stays_constant(tmp_path):
-    src = tiny_vit(img=64)
+    src = tiny_vit(image_size=64)
     with torch.no_grad():
         src.pos_embed[:, 1:] = 0.37
         src.pos_embed[:, :1] = -2.0
@@ -245,9 +240,8 @@ def test_pos_embed_same_size_is_identity_and_constant_stays_constant(tmp_path):
 
 
 def test_glyph_vit_pos_embed_resizes_without_class_token(tmp_path):
-    torch.manual_seed(0)
     path = tmp_path / "glyph.safetensors"
-    save_backbone(build_vit("amt_glyph_vit", 32), path)
+    save_backbone(tiny_vit("amt_glyph_vit", 32), path)
     vit = build_vit("amt_glyph_vit", 64)
     load_checkpoint(vit, path)
     assert vit.pos_embed.shape == (1, 8 * 8, 96)
@@ -258,7 +252,7 @@ def test_glyph_vit_pos_embed_resizes_without_class_token(tmp_path):
 
 
 def test_normalisation_is_inside_the_model(images):
-    vit = tiny_vit()
+    vit = tiny_vit(image_size=64)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     bb = Backbone(vit, mean, std).eval()
     assert bb.mean.shape == (1, 3, 1, 1) and bb.std.shape == (1, 3, 1, 1) and bb.embed_dim == 48
@@ -266,7 +260,7 @@ def test_normalisation_is_inside_the_model(images):
     with torch.no_grad():
         assert torch.equal(bb(images), vit((images - m) / s))
     with pytest.raises(ValueError, match="num_classes=0"):
-        Backbone(tiny_vit(num_classes=5))
+        Backbone(source_vit(num_classes=5))
 
 
 def test_glyph_vit_shape_and_lora_targets():
@@ -295,20 +289,18 @@ def test_build_vit_timm_name_and_errors():
 
 
 def test_fingerprint_stable_and_sensitive():
-    vit = tiny_vit()
+    vit = tiny_vit(image_size=64)
     fp = fingerprint(vit)
     assert len(fp) == 16 and int(fp, 16) >= 0
     assert fingerprint(vit) == fp == fingerprint(copy.deepcopy(vit)) == fingerprint(vit.state_dict())
     with torch.no_grad():
         vit.blocks[1].mlp.fc2.weight[3, 7] += 1e-6
     assert fingerprint(vit) != fp
-    assert fingerprint(tiny_vit(seed=0)) == fp
+    assert fingerprint(tiny_vit(image_size=64, seed=0)) == fp
+    assert fingerprint(tiny_vit(image_size=64, seed=1)) != fp
 
 
 def test_random_backbone_is_the_same_in_every_build_and_leaves_the_global_rng_alone():
-    from amt.backbone import build_backbone, fingerprint
-    from amt.config import BackboneConfig
-
     cfg = BackboneConfig(arch="vit_tiny_test", image_size=32, checkpoint=None)
     torch.manual_seed(1)
     a = build_backbone(cfg)

@@ -1,13 +1,22 @@
 import pytest
 
-from amt.config import (ConfigError, DataConfig, ExperimentConfig, from_dict, load_config, parse_override,
-                        save_config, to_dict)
+from amt.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+    variant_overrides,
+)
+from amt.rundir import save_config
 
 
 def test_embedded_preset_loads_and_round_trips(tmp_path):
     cfg = load_config("configs/embedded.yaml")
     assert cfg.backbone.arch == "amt_glyph_vit"
-    assert cfg.data.hflip is False and cfg.data.crop_scale == (0.5, 1.0)
+    assert cfg.augment.hflip is False and cfg.data.crop_scale == (0.5, 1.0)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
 
@@ -34,3 +43,31 @@ def test_override_parsing_and_defaults_live_in_dataclasses():
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_partial_nested_override_keeps_the_fields_default_not_the_types():
+    # pool.attack's default is a 2-step KL attack; AttackConfig() is the 10-step CE evaluation attack
+    for overrides in ({"pool": {"attack": {"steps": 5}}}, parse_override("pool.attack.objective=ce")):
+        cfg = load_config("configs/embedded.yaml", overrides)
+        default = ExperimentConfig().pool.attack
+        changed = {k for k, v in to_dict(cfg.pool.attack).items() if v != to_dict(default)[k]}
+        assert changed == set(next(iter(overrides["pool"]["attack"].items()))[:1])
+    assert load_config("configs/embedded.yaml", parse_override("pool.attack.steps=5")).pool.attack.objective == "kl"
+    assert load_config("configs/embedded.yaml", parse_override("attack.steps=3")).attack.objective == "ce"
+
+
+def test_string_choices_are_checked_and_a_renamed_rule_says_its_new_name():
+    with pytest.raises(ConfigError, match=r"train.keep: 'best_val' is not one of \['best', 'last'\]"):
+        from_dict(ExperimentConfig, {"train": {"keep": "best_val"}})
+    with pytest.raises(ConfigError, match="now called 'ttm'"):
+        from_dict(ExperimentConfig, {"methods": [{"name": "AMT", "pool": "p", "rule": "amt"}]})
+    with pytest.raises(ConfigError, match=r"trim_group_grid\[1\]"):
+        from_dict(ExperimentConfig, {"merge": {"trim_group_grid": ["mlp", "ffn"]}})
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(ExperimentConfig, {"attack": {"eps": "4/255"}})
+
+
+def test_variants_switch_apq_and_apsv_in_the_train_section():
+    assert variant_overrides("apq_only") == {"train": {"apsv": False}}
+    clean = from_dict(ExperimentConfig, variant_overrides("clean_lora"))
+    assert not clean.train.apq and not clean.train.apsv

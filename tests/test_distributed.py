@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from amt.config import HeadConfig, PerturbConfig
 from amt.distributed import close_distributed
 from amt.lora import adapter_state_dict
-from amt.train import MemberSpec, train_member
+from amt.train import MemberSpec, MetaTuning, train_member
 
 import test_train as tt
 from conftest import write_image_folder
@@ -22,7 +22,7 @@ from conftest import write_image_folder
 def _train(model, data, out, world_rank=None):
     cfg = dataclasses.replace(tt.TINY, episodes_per_step=2, keep="last")
     spec = MemberSpec(0, "member0", Path(out))
-    train_member(model, spec, data[0], data[1], cfg, tt.POOL, PerturbConfig(), HeadConfig())
+    train_member(model, spec, data[0], data[1], MetaTuning(cfg, tt.POOL, PerturbConfig(), HeadConfig()))
     return adapter_state_dict(model, "member0")
 
 
@@ -58,12 +58,21 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
 def _eval_run(root: str) -> dict:
     """PM, an AMT pool (merge parameters tuned on validation tasks) and PM+FT (lr tuned), clean + PGD +
     one corruption, on 5 tasks: an odd count, so the two ranks get different numbers of tasks."""
-    from amt.config import AttackConfig, DataConfig, DomainConfig, EvalConfig, FinetuneConfig, MergeConfig
-    from amt.data.datasets import load_domain
+    from amt.config import (
+        AttackConfig,
+        AugmentConfig,
+        DataConfig,
+        DomainConfig,
+        EvalConfig,
+        FinetuneConfig,
+        MergeConfig,
+    )
+    from amt.data.domains import load_domain
+    from amt.data.transforms import build_transform
     from amt.evaluate import evaluate
-    from amt.finetune import FinetunedMethod
     from amt.lora import lora_layers
-    from amt.merge import BackboneMethod, PoolMethod
+    from amt.methods import BackboneMethod, FinetunedMethod, PoolMethod
+    from amt.rundir import LoadedPool
 
     names = ("member0", "member1", "member2")
     pool_model = tt._model(names)
@@ -72,14 +81,15 @@ def _eval_run(root: str) -> dict:
         for layer in lora_layers(pool_model).values():
             for n in names:
                 layer.lora_B[n].add_(0.05 * torch.randn(layer.lora_B[n].shape, generator=g))
-    merge = MergeConfig(lambda_grid=(0.0, 1.0), beta_grid=(4.0,), rho_grid=(1.0, 0.5), trim_layers_grid=("mlp",),
-                        pseudo_per_image=2, hflip=False)
-    methods = {"PM": BackboneMethod(tt._model(())),
-               "AMT": PoolMethod(pool_model, names, "amt", merge),
-               "PM+FT": FinetunedMethod(BackboneMethod(tt._model(())), FinetuneConfig(steps=2, lr_grid=(0.0, 0.01)),
-                                        merge)}
+    merge = MergeConfig(lambda_grid=(0.0, 1.0), beta_grid=(4.0,), rho_grid=(1.0, 0.5), trim_group_grid=("mlp",))
+    augment = AugmentConfig(pseudo_per_image=2, hflip=False)
+    methods = {"PM": BackboneMethod(tt._model(()), 10.0),
+               "AMT": PoolMethod(pool_model, LoadedPool(names, (9.0, 10.0, 11.0)), "ttm", merge, augment),
+               "PM+FT": FinetunedMethod(BackboneMethod(tt._model(()), 10.0),
+                                        FinetuneConfig(steps=2, lr_grid=(0.0, 0.01)), augment)}
     domain = DomainConfig(name="d", path=root)
-    dataset = load_domain(domain, DataConfig(image_size=tt.SIZE, resize_ratio=1.0))
+    data = DataConfig(resize_ratio=1.0)
+    dataset = load_domain(domain, data, build_transform(tt.SIZE, data, augment, train=False))
     cfg = EvalConfig(n_tasks=5, shots=(1,), n_query=3, adv_tasks=3, eps_sweep=(), l2_eps=(),
                      corruptions=("gaussian_noise",), severities=(2,), corruption_tasks=4, val_tasks=3)
     attack = AttackConfig(eps=8 / 255, step_size=2 / 255, steps=3)
@@ -109,5 +119,5 @@ def test_two_gloo_processes_evaluate_the_same_numbers_as_one(tmp_path):
     rows = {(r["method"], r["condition"]): r for r in single["results"]}
     assert len(rows[("AMT", "clean")]["accuracies"]) == 5 and len(rows[("AMT", "adversarial")]["accuracies"]) == 3
     assert len(rows[("PM+FT", "corruption")]["accuracies"]) == 4
-    assert "chosen" in single["merge"]["AMT"]["d"] and "finetune" in single["merge"]["PM+FT"]["d"]
-    assert len(single["merge"]["AMT"]["d"]["coefficients"]["1"]) == 5
+    assert "chosen" in single["tuning"]["AMT"]["d"]["1"] and "finetune" in single["tuning"]["PM+FT"]["d"]["1"]
+    assert len(single["tuning"]["AMT"]["d"]["1"]["coefficients"]) == 5

@@ -3,8 +3,8 @@ import logging
 import pytest
 import torch
 
-from amt.config import EpisodeConfig
-from amt.data.episodes import EpisodeError, FixedSampler, VariableSampler, build_sampler, load_episode
+from amt.config import VariableEpisodeConfig
+from amt.data.episodes import EpisodeError, FixedSampler, VariableSampler, load_episode
 
 CLASSES = [list(range(c * 30, (c + 1) * 30)) for c in range(12)]
 
@@ -58,9 +58,7 @@ def test_variable_sampler_respects_meta_dataset_limits():
     for n in sizes:
         classes.append(list(range(start, start + n)))
         start += n
-    cfg = EpisodeConfig(variable=True, max_ways=10)
-    sampler = build_sampler(classes, cfg, _gen(1))
-    assert isinstance(sampler, VariableSampler)
+    sampler = VariableSampler(classes, VariableEpisodeConfig(max_ways=10), _gen(1))
     ways = set()
     for _ in range(60):
         e = sampler.sample()

@@ -5,14 +5,20 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from amt.config import DataConfig, DomainConfig, EvalConfig
-from amt.data.datasets import load_domain
+from amt.config import AugmentConfig, ConfigError, DataConfig, DomainConfig, EvalConfig
+from amt.data.domains import load_domain
+from amt.data.transforms import build_transform
 from amt.evaluate import evaluate, mean_ci95, query_budget, task_seed, write_results
 from amt.head import cosine_logits, prototypes
-from amt.merge import TaskRecord
+from amt.methods import BackboneMethod, Method, TaskRecord
 from amt.report import markdown_table
 
-from conftest import write_image_folder
+from conftest import gen, write_image_folder
+
+
+def _load(domain, size, split=None):
+    data = DataConfig(resize_ratio=1.0)
+    return load_domain(domain, data, build_transform(size, data, AugmentConfig(), train=False), split)
 
 
 def test_mean_ci95_formula():
@@ -28,10 +34,8 @@ def test_task_seed_is_stable_and_distinct():
                 task_seed(0, "latin", 1)}) == 4
 
 
-class _Features:
+class _Features(Method):
     """A method from a fixed feature map (cosine ProtoNet on top)."""
-
-    tunable = False
 
     def __init__(self, f):
         self.f = f
@@ -54,10 +58,11 @@ _chance = _Chance(None)
 
 def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", 6, [12, 12, 12, 12, 12, 8])
-    ds = load_domain(DomainConfig("d", str(root), in_domain=True), DataConfig(image_size=8, resize_ratio=1.0))
+    ds = _load(DomainConfig("d", str(root), in_domain=True), 8)
     assert query_budget(ds, 5, 1, 15) == 7
     cfg = EvalConfig(n_tasks=6, n_way=5, shots=(1, 5), n_query=15, corruptions=())
-    res = evaluate({"colour": _mean_colour, "chance": _chance}, [(DomainConfig("d", str(root), in_domain=True), ds)], cfg)
+    domain = DomainConfig("d", str(root), in_domain=True)
+    res = evaluate({"colour": _mean_colour, "chance": _chance}, [(domain, ds)], cfg)
     rows = {(r["method"], r["n_shot"]): r for r in res["results"]}
     assert rows[("colour", 1)]["n_query"] == 7 and rows[("colour", 5)]["n_query"] == 3
     assert rows[("colour", 5)]["mean"] > 90.0  # classes are separable by colour
@@ -78,7 +83,8 @@ def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, c
 @pytest.fixture(scope="module")
 def glyph_greek(tmp_path_factory):
     """Greek glyph test and validation classes of a small generated benchmark, and the shipped backbone."""
-    from amt.backbone import Backbone, build_vit, load_checkpoint
+    from amt.backbone import Backbone, build_vit
+    from amt.checkpoints import load_checkpoint
     from amt.config import GlyphConfig
     from amt.data.glyphs import build_glyph_benchmark, glyph_domains
     from amt.pipeline import embedded_asset
@@ -86,21 +92,19 @@ def glyph_greek(tmp_path_factory):
     root = build_glyph_benchmark(GlyphConfig(max_source_classes=14, max_classes_per_domain=16),
                                  tmp_path_factory.mktemp("glyphs"))
     greek = [d for d in glyph_domains(root)[1] if d.name == "greek"][0]
-    data = DataConfig(image_size=32, resize_ratio=1.0)
     model = Backbone(build_vit("amt_glyph_vit", 32), (0.5,) * 3, (0.5,) * 3)
     load_checkpoint(model.vit, embedded_asset("glyph_vit.safetensors"))
-    return greek, load_domain(greek, data), load_domain(greek, data, split="val"), model
+    return greek, _load(greek, 32), _load(greek, 32, split="val"), model
 
 
 def _robust(glyph_greek, eps_list, steps=10, n_tasks=6):
     from amt.config import AttackConfig
-    from amt.merge import BackboneMethod
 
     greek, ds, _, model = glyph_greek
     cfg = EvalConfig(n_tasks=n_tasks, shots=(1,), n_query=5, corruptions=(), eps_sweep=tuple(eps_list), l2_eps=(),
                      adv_tasks=n_tasks, sweep_tasks=n_tasks)
     attack = AttackConfig(eps=eps_list[0], step_size=eps_list[0] / 10, steps=steps)
-    res = evaluate({"PM": BackboneMethod(model)}, [(greek, ds)], cfg, attack)
+    res = evaluate({"PM": BackboneMethod(model, 10.0)}, [(greek, ds)], cfg, attack)
     rows = [r for r in res["results"] if r["condition"] == "adversarial"]
     return {r["attack"]["eps"]: r["mean"] for r in rows}, [r for r in res["results"] if r["condition"] == "clean"][0]
 
@@ -119,26 +123,121 @@ def test_gradient_masking_sanity_more_steps_do_not_help_the_model(glyph_greek):
     assert many[4 / 255] <= few[4 / 255] + 2.0
 
 
-def test_validation_tasks_never_overlap_the_test_tasks(glyph_greek):
+class _Tunable(_Features):
+    """A tunable method that records the images of the validation tasks it is tuned on."""
+
+    tunable = True
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.tuned_on = []
+
+    def tune(self, tasks, rng):
+        self.tuned_on += [torch.cat([e.support_images, e.query_images]) for e in tasks]
+        return {"chosen": {}}
+
+
+class _Recording(torch.utils.data.Dataset):
+    """A dataset view that records the image files read through it."""
+
+    def __init__(self, dataset):
+        self.dataset, self.read = dataset, set()
+        self.name, self.class_names = dataset.name, dataset.class_names
+
+    def indices_by_class(self):
+        return self.dataset.indices_by_class()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.read.add(self.dataset.samples[i][0])
+        return self.dataset[i]
+
+
+def _images_read_by_tuning_and_testing(glyph_greek):
+    greek, test_set, val_set, _ = glyph_greek
+    test, val = _Recording(test_set), _Recording(val_set)
+    method = _Tunable(lambda x: x.mean(dim=(2, 3)))
+    cfg = EvalConfig(n_tasks=20, n_way=2, shots=(1, 5), n_query=5, corruptions=(), val_tasks=20)  # 2 val classes
+    evaluate({"m": method}, [(greek, test)], cfg, None, {"greek": (val, "validation classes")})
+    assert len(method.tuned_on) == 2 * cfg.val_tasks  # tuned for each shot on its own tasks
+    return val.read, test.read
+
+
+def _test_images(test_set, cfg):
+    from amt.data.episodes import FixedSampler
+
+    out = set()
+    for shot in cfg.shots:
+        s = FixedSampler(test_set.indices_by_class(), cfg.n_way, shot, query_budget(test_set, cfg.n_way, shot,
+                         cfg.n_query), torch.Generator().manual_seed(task_seed(cfg.seed, "greek", shot)), "greek")
+        for _ in range(cfg.n_tasks):
+            idx = s.sample()
+            out |= {test_set.samples[i][0] for i in torch.cat([idx.support_indices, idx.query_indices]).tolist()}
+    return out
+
+
+def test_tuning_never_reads_a_test_image_when_the_domain_has_validation_classes(glyph_greek):
+    greek, test_set, val_set, _ = glyph_greek
+    assert not set(test_set.class_names) & set(val_set.class_names)  # a validation split: other classes
+    tuning, testing = _images_read_by_tuning_and_testing(glyph_greek)
+    assert tuning and testing and not tuning & testing
+
+
+@pytest.mark.xfail(strict=True, reason="issue #7: without validation classes, tuning tasks are drawn from the test "
+                                       "classes with another seed, so they share images with the test tasks")
+def test_tuning_never_reads_a_test_image_without_validation_classes(glyph_greek):
+    greek, test_set, _, _ = glyph_greek
     from amt.data.episodes import FixedSampler
     from amt.evaluate import validation_seed
 
-    greek, test_set, val_set, _ = glyph_greek
-    assert not set(test_set.class_names) & set(val_set.class_names)  # a validation split: other classes
+    cfg = EvalConfig(n_tasks=20, shots=(1,), n_query=5, corruptions=(), val_tasks=20)
+    s = FixedSampler(test_set.indices_by_class(), 5, 1, 5, gen(validation_seed(0, "greek", 1)), "greek")
+    tuning = set()
+    for _ in range(cfg.val_tasks):
+        idx = s.sample()
+        tuning |= {test_set.samples[i][0] for i in torch.cat([idx.support_indices, idx.query_indices]).tolist()}
+    assert not tuning & _test_images(test_set, cfg)
+
+
+def test_validation_tasks_are_not_test_tasks_without_validation_classes(glyph_greek):
+    from amt.data.episodes import FixedSampler
+    from amt.evaluate import validation_seed
+
+    _, test_set, _, _ = glyph_greek
 
     def stream(seed):  # the support sets of the first 100 tasks of a task stream on the test classes
         s = FixedSampler(test_set.indices_by_class(), 5, 1, 5, torch.Generator().manual_seed(seed), "greek")
         return {tuple(s.sample().support_indices.tolist()) for _ in range(100)}
 
-    # without a validation split the same classes are used, with a task stream that shares no task
     for shot in (1, 5):
         assert not stream(task_seed(0, "greek", shot)) & stream(validation_seed(0, "greek", shot))
+
+
+def test_zero_validation_tasks_with_a_grid_is_an_error(tmp_path):
+    root = write_image_folder(tmp_path / "d", 6, 12)
+    ds = _load(DomainConfig("d", str(root)), 8)
+    cfg = EvalConfig(n_tasks=2, shots=(1,), n_query=3, corruptions=(), val_tasks=0)
+    with pytest.raises(ConfigError, match="val_tasks=0"):
+        evaluate({"m": _Tunable(lambda x: x.mean(dim=(2, 3)))}, [(DomainConfig("d", str(root)), ds)], cfg)
+    res = evaluate({"colour": _mean_colour}, [(DomainConfig("d", str(root)), ds)], cfg)  # nothing to tune: fine
+    assert res["results"] and not res["tuning"]
+
+
+def test_tuning_runs_per_shot_on_that_shots_tasks(tmp_path):
+    root = write_image_folder(tmp_path / "d", 6, 12)
+    ds = _load(DomainConfig("d", str(root)), 8)
+    method = _Tunable(lambda x: x.mean(dim=(2, 3)))
+    cfg = EvalConfig(n_tasks=2, shots=(1, 5), n_query=3, corruptions=(), val_tasks=3)
+    res = evaluate({"m": method}, [(DomainConfig("d", str(root)), ds)], cfg)
+    assert [len(x) for x in method.tuned_on] == [5 * 1 + 5 * 3] * 3 + [5 * 5 + 5 * 3] * 3
+    assert set(res["tuning"]["m"]["d"]) == {"1", "5"}
 
 
 def test_bf16_autocast_on_cpu_keeps_accuracy(glyph_greek):
     """CPU bf16 autocast (``precision: bf16``): float32 features, same clean and PGD accuracy within noise."""
     from amt.config import AttackConfig
-    from amt.merge import BackboneMethod
 
     greek, ds, _, model = glyph_greek
     cfg = EvalConfig(n_tasks=30, shots=(1,), n_query=5, corruptions=(), eps_sweep=(), l2_eps=(), adv_tasks=8)
@@ -150,8 +249,8 @@ def test_bf16_autocast_on_cpu_keeps_accuracy(glyph_greek):
             with torch.no_grad():
                 feats = model(ds[0][0][None])
             assert feats.dtype == torch.float32
-            runs[dtype] = {r["condition"]: r for r in evaluate({"PM": BackboneMethod(model)}, [(greek, ds)], cfg,
-                                                               attack)["results"]}
+            runs[dtype] = {r["condition"]: r for r in evaluate({"PM": BackboneMethod(model, 10.0)}, [(greek, ds)],
+                                                               cfg, attack)["results"]}
     finally:
         model.autocast_dtype = None
     fp32, bf16 = runs[None], runs[torch.bfloat16]

@@ -12,14 +12,19 @@ from PIL import Image
 
 from amt.config import GlyphConfig
 from amt.data import glyphs
-from amt.data.glyphs import (
+from amt.data.glyph_render import (
     FONT_FILES,
+    font_paths,
+    load_fonts,
+    render_glyph,
+    render_samples,
+)
+from amt.data.glyphs import (
     GLYPH_VERSION,
     GlyphClass,
     build_glyph_benchmark,
     domain_of,
     glyph_domains,
-    render_glyph,
     split_classes,
 )
 
@@ -186,10 +191,20 @@ def test_domain_rules_and_blank_glyphs():
         "braille", "math", "arrows_shapes", "dingbats",
     ]  # fmt: skip
     assert domain_of(ord("!")) is None and domain_of(ord("7")) is None
-    font = glyphs._load_fonts(glyphs.font_paths()[:1], 64)[0]
+    font = load_fonts(font_paths()[:1], 64)[0]
     assert render_glyph(font, " ") is None
     a = render_glyph(font, "A")
     assert a is not None and a.ink.max() == 255 and a.top < 0 <= a.left
+
+
+def test_render_samples_frames_each_glyph_deterministically():
+    font = load_fonts(font_paths()[:1], 64)[0]
+    rendered = [render_glyph(font, c) for c in "Ag,"]
+    images = render_samples(rendered, 24, np.random.default_rng(0))
+    assert images.shape == (3, 24, 24) and images.dtype == np.uint8
+    assert (images.reshape(3, -1).min(axis=1) == 0).all()  # contrast stretch: the darkest pixel is black
+    assert (images[:, 0, :] == 255).all() and (images[:, :, -1] == 255).all()  # margin: paper at the border
+    assert np.array_equal(images, render_samples(rendered, 24, np.random.default_rng(0)))
 
 
 @pytest.mark.slow

@@ -1,22 +1,22 @@
-"""Properties of the LoRA pool layer on a tiny real timm ViT."""
+"""Properties of the LoRA pool layer and the model-level pool operations on a tiny real timm ViT."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from amt.lora import (
-    LoRALinear,
     active_adapter,
     adapter_names,
     adapter_parameters,
     adapter_state_dict,
     add_adapter,
+    check_residual_fingerprint,
     inject_lora,
     load_adapter_state_dict,
     lora_layers,
@@ -24,23 +24,21 @@ from amt.lora import (
     merge_adapters,
     merged,
     remove_adapter,
+    residual_fingerprint,
     set_active_adapter,
     unmerge_adapters,
 )
+from amt.lora_layer import LoRALinear
+
+from conftest import gen, tiny_vit
 
 RANK = 8
 EXPECTED = [f"blocks.{i}.{t}" for i in range(2) for t in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
 
 
-def tiny_vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
-    return model.eval()
-
-
 @pytest.fixture
 def images() -> torch.Tensor:
-    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return torch.rand(4, 3, 32, 32, generator=gen(1))
 
 
 @pytest.fixture
@@ -52,7 +50,7 @@ def pool() -> nn.Module:
 
 
 def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             for name in layer.adapter_names:
@@ -62,6 +60,18 @@ def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {q: layer.weight.detach().clone() for q, layer in lora_layers(model).items()}
+
+
+def hand_delta(layer: LoRALinear, name: str) -> torch.Tensor:
+    """ΔW ``[out, in]`` assembled by hand from the factors, independently of ``LoRALinear.delta_weight``.
+
+    Row block j (q, k, v for ``attn.qkv``; the whole matrix otherwise) is scaling · B[j-th out/splits rows] @
+    A[j-th rank rows], computed in float64.
+    """
+    a, b = layer.lora_A[name].detach().double(), layer.lora_B[name].detach().double()
+    r, block = layer.rank, layer.out_features // layer.splits
+    rows = [b[j * block : (j + 1) * block] @ a[j * r : (j + 1) * r] for j in range(layer.splits)]
+    return (layer.scaling * torch.cat(rows)).float()
 
 
 def test_injection_hits_exactly_the_targets() -> None:
@@ -88,7 +98,7 @@ def test_svd_init_preserves_function_and_weights(images: torch.Tensor) -> None:
         after = model(images)
     torch.testing.assert_close(after, before, atol=1e-5 * before.abs().max().item(), rtol=0)
     for q, layer in lora_layers(model).items():
-        delta = layer.delta_weight("m0").detach()
+        delta = hand_delta(layer, "m0")
         torch.testing.assert_close(layer.weight + delta, original[q], atol=1e-6, rtol=0)
         assert torch.equal(layer.lora_A["m0"], layer.lora_A["m1"])
         assert torch.equal(layer.lora_B["m0"], layer.lora_B["m1"])
@@ -118,14 +128,14 @@ def test_standard_init_is_identity_and_reproducible(images: torch.Tensor) -> Non
     original = {q: model.get_submodule(q).weight.detach().clone() for q in EXPECTED}
     with torch.no_grad():
         before = model(images)
-    inject_lora(model, names=("m0", "m1"), rank=RANK, init="standard", generator=torch.Generator().manual_seed(5))
+    inject_lora(model, names=("m0", "m1"), rank=RANK, init="standard", generator=gen(5))
     with torch.no_grad():
         after = model(images)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
     twin = tiny_vit()
-    inject_lora(twin, names=("m0", "m1"), rank=RANK, init="standard", generator=torch.Generator().manual_seed(5))
+    inject_lora(twin, names=("m0", "m1"), rank=RANK, init="standard", generator=gen(5))
     other = tiny_vit()
-    inject_lora(other, names=("m0",), rank=RANK, init="standard", generator=torch.Generator().manual_seed(6))
+    inject_lora(other, names=("m0",), rank=RANK, init="standard", generator=gen(6))
     for q, layer in lora_layers(model).items():
         assert torch.equal(layer.weight, original[q])
         assert torch.count_nonzero(layer.lora_B["m0"]) == 0
@@ -144,15 +154,45 @@ def test_mixing_init_modes_raises(pool: nn.Module) -> None:
         add_adapter(std, "extra", init="svd")
 
 
-def test_active_forward_equals_dense_linear(pool: nn.Module) -> None:
+def test_delta_weight_is_the_blockwise_product_of_the_factors(pool: nn.Module) -> None:
     randomize_adapters(pool)
-    x = torch.randn(2, 5, 192, generator=torch.Generator().manual_seed(3))
+    for q, layer in lora_layers(pool).items():
+        expected = hand_delta(layer, "m1")
+        torch.testing.assert_close(layer.delta_weight("m1").detach(), expected, atol=1e-6, rtol=1e-5)
+        if layer.splits == 3:  # q, k, v blocks use their own factors: no cross terms between blocks
+            r, block = layer.rank, layer.out_features // 3
+            a, b = layer.lora_A["m1"].detach(), layer.lora_B["m1"].detach()
+            k_rows = slice(block, 2 * block)
+            torch.testing.assert_close(layer.delta_weight("m1")[k_rows].detach(), b[k_rows] @ a[r : 2 * r])
+            assert not torch.allclose(expected[k_rows], b[k_rows] @ a[:r], atol=1e-4), q
+
+
+def test_active_forward_equals_dense_linear(pool: nn.Module) -> None:
+    """Each layer's output equals F.linear with the hand-built weight W_res + scaling·B·A (blockwise for qkv)."""
+    randomize_adapters(pool)
+    x = torch.randn(2, 5, 192, generator=gen(3))
     for layer in lora_layers(pool).values():
         xi = x[..., : layer.in_features]
         for name in ("m1", None):
             layer.set_active_adapter(name)
-            w = layer.weight if name is None else layer.weight + layer.delta_weight(name)
+            w = layer.weight if name is None else layer.weight + hand_delta(layer, name)
             torch.testing.assert_close(layer(xi), F.linear(xi, w, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_scaling_multiplies_the_adapter_term() -> None:
+    model = tiny_vit()
+    inject_lora(model, names=("m0",), rank=RANK, scaling=0.5)
+    randomize_adapters(model)
+    x = torch.randn(3, 48, generator=gen(4))
+    layer = lora_layers(model)["blocks.1.attn.qkv"]
+    a, b = layer.lora_A["m0"].detach(), layer.lora_B["m0"].detach()
+    block = layer.out_features // 3
+    ba = torch.cat([b[j * block : (j + 1) * block] @ a[j * RANK : (j + 1) * RANK] for j in range(3)])
+    w = layer.weight + 0.5 * ba
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.delta_weight("m0").detach(), 0.5 * ba, atol=1e-6, rtol=1e-5)
+    with merged(model, {"m0": 1.0}):
+        torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 def test_merge_unmerge_restores_bit_for_bit(pool: nn.Module) -> None:
@@ -177,13 +217,13 @@ def test_weighted_merge_equals_weighted_sum_of_deltas(pool: nn.Module, images: t
     for q, layer in lora_layers(reference).items():
         dense = nn.Linear(layer.in_features, layer.out_features)
         with torch.no_grad():
-            dense.weight.copy_(layer.weight + sum(w * layer.delta_weight(n) for n, w in weights.items()))
+            dense.weight.copy_(layer.weight + sum(w * hand_delta(layer, n) for n, w in weights.items()))
             dense.bias.copy_(layer.bias)
         parent, _, child = q.rpartition(".")
         setattr(reference.get_submodule(parent), child, dense)
     with merged(pool, weights), torch.no_grad():
         for q, layer in lora_layers(pool).items():
-            expected = sum(w * layer.delta_weight(n) for n, w in weights.items())
+            expected = sum(w * hand_delta(layer, n) for n, w in weights.items())
             torch.testing.assert_close(layer.weight - residual[q], expected, atol=1e-6, rtol=1e-5)
         out = pool(images)
         ref = reference(images)
@@ -254,10 +294,9 @@ def test_strict_loading_names_bad_keys(pool: nn.Module) -> None:
 def test_merged_context_restores_after_exception(pool: nn.Module) -> None:
     randomize_adapters(pool)
     residual = base_weights(pool)
-    with pytest.raises(ZeroDivisionError):
-        with merged(pool, {"m0": 0.5, "m2": 0.5}):
-            assert all(layer.merged for layer in lora_layers(pool).values())
-            1 / 0
+    with pytest.raises(RuntimeError, match="inside the merged block"), merged(pool, {"m0": 0.5, "m2": 0.5}):
+        assert all(layer.merged for layer in lora_layers(pool).values())
+        raise RuntimeError("inside the merged block")
     for q, layer in lora_layers(pool).items():
         assert torch.equal(layer.weight, residual[q])
         assert not layer.merged
@@ -268,10 +307,9 @@ def test_merged_context_restores_after_exception(pool: nn.Module) -> None:
 
 def test_active_adapter_context_and_removal(pool: nn.Module) -> None:
     set_active_adapter(pool, "m2")
-    with pytest.raises(RuntimeError):
-        with active_adapter(pool, None):
-            assert all(layer.active_adapter is None for layer in lora_layers(pool).values())
-            raise RuntimeError
+    with pytest.raises(RuntimeError), active_adapter(pool, None):
+        assert all(layer.active_adapter is None for layer in lora_layers(pool).values())
+        raise RuntimeError
     assert all(layer.active_adapter == "m2" for layer in lora_layers(pool).values())
     with pytest.raises(KeyError, match="missing"):
         set_active_adapter(pool, "missing")
@@ -291,3 +329,43 @@ def test_bad_rank_and_targets_raise() -> None:
     inject_lora(model, rank=RANK)
     with pytest.raises(ValueError, match="already carries LoRA"):
         inject_lora(model, rank=RANK)
+
+
+def test_residual_fingerprint_is_json_ready_and_tolerant_only_of_rounding(pool: nn.Module) -> None:
+    saved = json.loads(json.dumps(residual_fingerprint(pool)))
+    assert list(saved) == EXPECTED and all(len(v) == 2 and v[0] > 0 for v in saved.values())
+    check_residual_fingerprint(pool, saved, "pool.json")  # same model
+    randomize_adapters(pool)  # the adapters are not part of W_res
+    check_residual_fingerprint(pool, saved, "pool.json")
+    fresh = tiny_vit()
+    inject_lora(fresh, names=("a",), rank=RANK)  # rebuilt and injected the same way (SVD recomputed)
+    check_residual_fingerprint(fresh, saved, "pool.json")
+    with torch.no_grad():  # rounding-sized noise (1e-7 of the norm) is accepted
+        for layer in lora_layers(fresh).values():
+            layer.weight.mul_(1 + 1e-7)
+    check_residual_fingerprint(fresh, saved, "pool.json")
+
+
+def test_residual_fingerprint_names_the_changed_layer(pool: nn.Module) -> None:
+    saved = residual_fingerprint(pool)
+    layer = lora_layers(pool)["blocks.1.mlp.fc1"]
+    with torch.no_grad():  # one element of one layer moves by 1% of the layer's norm (away from zero)
+        w = layer.weight.view(-1)
+        i = int(w.abs().argmax())
+        w[i] += 0.01 * torch.linalg.matrix_norm(layer.weight) * torch.sign(w[i])
+    with pytest.raises(ValueError, match=r"runs/pool\.json: LoRA layer 'blocks\.1\.mlp\.fc1'.*W_res.*retrain"):
+        check_residual_fingerprint(pool, saved, "runs/pool.json")
+    other_rank = tiny_vit()
+    inject_lora(other_rank, rank=RANK // 2)  # other LoRA settings: another residual
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv"):
+        check_residual_fingerprint(other_rank, saved, "pool.json")
+
+
+def test_residual_fingerprint_refuses_other_layers_and_merged_weights(pool: nn.Module) -> None:
+    saved = residual_fingerprint(pool)
+    fewer = tiny_vit()
+    inject_lora(fewer, targets=("attn.qkv", "attn.proj"), rank=RANK)
+    with pytest.raises(ValueError, match=r"in the pool only: \['blocks.0.mlp.fc1'"):
+        check_residual_fingerprint(fewer, saved, "pool.json")
+    with merged(pool, {"m0": 1.0}), pytest.raises(RuntimeError, match="unmerge"):
+        residual_fingerprint(pool)

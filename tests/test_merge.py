@@ -1,29 +1,41 @@
-"""Test-time merging, trimming, merge rules and fine-tuning on a tiny real timm ViT with a trained-looking pool."""
+"""Test-time merging pieces on a tiny real timm ViT with a trained-looking pool: pseudo-queries, member scores,
+coefficients, merging, trimming."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from amt.backbone import Backbone, build_vit
-from amt.config import FinetuneConfig, LoRAConfig, MergeConfig
-from amt.finetune import FinetunedMethod
+from amt.backbone import Backbone
+from amt.config import AugmentConfig, LoRAConfig, MergeConfig
 from amt.lora import active_adapter, inject_lora, lora_layers
-from amt.merge import (BackboneMethod, MemberScores, MergeParams, PoolMethod, merge_coefficients, merge_grid,
-                       merged_task, pseudo_queries, trim_weight, trimmed_layers)
+from amt.merge import (
+    MemberScores,
+    member_scores,
+    merge_coefficients,
+    merge_grid,
+    merged_task,
+    pseudo_queries,
+    trim_weight,
+    trimmed_layers,
+)
+
+from conftest import assert_same_state, gen, snapshot, tiny_backbone
 
 SIZE = 32
 NAMES = ["m0", "m1", "m2"]
-CFG = MergeConfig(pseudo_per_image=2, lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(1.0, 0.5),
-                  trim_layers_grid=("mlp",))
+CFG = MergeConfig(lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(1.0, 0.5), trim_group_grid=("mlp",))
+AUG = AugmentConfig(pseudo_per_image=2)
 
 
-def _pool() -> Backbone:
+def make_pool() -> Backbone:
     """A tiny ViT with 3 SVD-initialised members whose factors were moved apart (as training would)."""
-    torch.manual_seed(0)
-    model = Backbone(build_vit("vit_tiny_test", SIZE), mean=(0.5,) * 3, std=(0.5,) * 3).eval()
+    model = tiny_backbone(image_size=SIZE)
     inject_lora(model.vit, LoRAConfig().targets, NAMES, rank=4)
-    g = torch.Generator().manual_seed(1)
+    g = gen(1)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             for i, name in enumerate(NAMES):
@@ -31,26 +43,19 @@ def _pool() -> Backbone:
     return model
 
 
-def _support(n_way=3, n_shot=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n_way * n_shot, 3, SIZE, SIZE, generator=g), torch.arange(n_way).repeat_interleave(n_shot)
-
-
-def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def make_support(n_way=3, n_shot=2, seed=0):
+    return torch.rand(n_way * n_shot, 3, SIZE, SIZE, generator=gen(seed)), torch.arange(n_way).repeat_interleave(n_shot)
 
 
 def test_merge_and_trim_restore_the_weights_bit_for_bit():
-    model = _pool()
-    before = _weights(model)
+    model = make_pool()
+    before = snapshot(model)
     with merged_task(model, {"m0": 0.3, "m2": 0.7}, rho=0.5, group="all"):
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    after = _weights(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with merged_task(model, {"m1": 1.0}, rho=0.5, group="mlp"):
-            raise RuntimeError("boom")
-    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert_same_state(before, model)
+    with pytest.raises(RuntimeError, match="boom"), merged_task(model, {"m1": 1.0}, rho=0.5, group="mlp"):
+        raise RuntimeError("boom")
+    assert_same_state(before, model)
 
 
 def test_coefficients_are_a_convex_combination_of_the_top_k():
@@ -64,9 +69,41 @@ def test_coefficients_are_a_convex_combination_of_the_top_k():
     assert merge_coefficients(scores, 1.0, 12.0, 2)[0] > merge_coefficients(scores, 1.0, 1.0, 2)[0]  # β sharpens
 
 
+@pytest.mark.parametrize("lam,beta", [(0.5, 6.0), (0.25, 2.0), (1.0, 12.0)])
+def test_coefficient_ratios_follow_the_exponential_of_the_score_difference(lam, beta):
+    c, v = torch.tensor([0.9, 0.5, 0.8, 0.1]), torch.tensor([0.1, 0.25, 0.3, 0.05])  # no tied scores
+    zeta = merge_coefficients(MemberScores(c, v, torch.zeros(4)), lam, beta, 3)
+    score = [lam * float(ci) - (1 - lam) * float(vi) for ci, vi in zip(c, v)]
+    kept = sorted(range(4), key=lambda i: -score[i])[:3]
+    u = {i: math.exp(-beta * (1 - score[i])) for i in kept}
+    for i in range(4):  # by hand: ζ_i = u_i / Σ_kept u, and ζ_i / ζ_j = exp(β (s_i − s_j))
+        assert float(zeta[i]) == pytest.approx(u[i] / sum(u.values()) if i in kept else 0.0, rel=1e-5, abs=1e-7)
+    i, j = kept[0], kept[1]
+    assert float(zeta[i] / zeta[j]) == pytest.approx(math.exp(beta * (score[i] - score[j])), rel=1e-5)
+
+
+def test_member_scores_match_a_hand_computation_per_member():
+    model = make_pool()
+    x, y = make_support()
+    pseudo, py = pseudo_queries(x, y, AUG, gen(0))
+    scales = [7.0, 10.0, 13.0]
+    scores = member_scores(model, NAMES, scales, x, y, 3, pseudo, py)
+    for i, name in enumerate(NAMES):
+        with torch.no_grad(), active_adapter(model, name):
+            fs, fq = F.normalize(model(x), dim=-1), F.normalize(model(pseudo), dim=-1)
+        protos = F.normalize(torch.stack([fs[y == c].mean(0) for c in range(3)]), dim=-1)
+        cos = fq @ protos.T  # [M, 3]
+        own = cos[torch.arange(len(py)), py]
+        others = (cos.sum(1) - own) / 2
+        assert float(scores.compactness[i]) == pytest.approx(float(own.mean()), abs=1e-5)
+        assert float(scores.divergence[i]) == pytest.approx(float(others.mean()), abs=1e-5)
+        assert float(scores.support_ce[i]) == pytest.approx(float(F.cross_entropy(scales[i] * cos, py)), abs=1e-4)
+    assert len(set(scores.compactness.tolist())) == 3  # the members really differ
+
+
 def test_one_member_with_weight_one_equals_that_member():
-    model = _pool()
-    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    model = make_pool()
+    x = torch.rand(4, 3, SIZE, SIZE, generator=gen(3))
     with torch.no_grad(), active_adapter(model, "m1"):
         ref = model(x)
     with torch.no_grad(), merged_task(model, {"m1": 1.0}):
@@ -74,7 +111,7 @@ def test_one_member_with_weight_one_equals_that_member():
 
 
 def test_trimming_keeps_the_expected_rank_and_rho_one_is_the_identity():
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     for shape in [(48, 144), (144, 48)]:
         w = torch.randn(*shape, generator=g)
         assert torch.equal(trim_weight(w, 1.0), w) or torch.allclose(trim_weight(w, 1.0), w, atol=1e-5)
@@ -82,7 +119,7 @@ def test_trimming_keeps_the_expected_rank_and_rho_one_is_the_identity():
         assert torch.linalg.matrix_rank(t, rtol=1e-4).item() == 12
         s_full, s_trim = torch.linalg.svdvals(w.double()), torch.linalg.svdvals(t.double())
         torch.testing.assert_close(s_trim[:12], s_full[:12])  # the top singular values are kept exactly
-    model = _pool()
+    model = make_pool()
     layers = trimmed_layers(model, "mlp")
     assert layers and all(n.endswith(("mlp.fc1", "mlp.fc2")) for n in layers)
     with merged_task(model, {"m0": 1.0}, rho=0.5, group="mlp"):
@@ -95,13 +132,13 @@ def test_trimming_keeps_the_expected_rank_and_rho_one_is_the_identity():
 def test_batched_trimming_equals_trimming_each_layer():
     from amt.merge import trim_
 
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     stack = torch.randn(3, 40, 24, generator=g)
     batched = trim_weight(stack, 0.5)
     for w, t in zip(stack, batched):
         torch.testing.assert_close(t, trim_weight(w, 0.5), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(trim_weight(stack, 0.5, "svd"), batched, atol=1e-5, rtol=1e-5)
-    model = _pool()  # layers of several shapes (qkv, proj, fc1, fc2), trimmed in one call per shape
+    model = make_pool()  # layers of several shapes (qkv, proj, fc1, fc2), trimmed in one call per shape
     with merged_task(model, {"m0": 0.5, "m1": 0.5}):
         expected = {n: trim_weight(layer.weight, 0.5) for n, layer in trimmed_layers(model, "all").items()}
         trim_(model, 0.5, "all")
@@ -112,103 +149,26 @@ def test_batched_trimming_equals_trimming_each_layer():
 
 
 def test_pseudo_queries_are_seeded_augmentations_in_range():
-    x, y = _support()
-    a, ya = pseudo_queries(x, y, CFG, torch.Generator().manual_seed(0))
-    b, _ = pseudo_queries(x, y, CFG, torch.Generator().manual_seed(0))
-    c, _ = pseudo_queries(x, y, CFG, torch.Generator().manual_seed(1))
+    x, y = make_support()
+    a, ya = pseudo_queries(x, y, AUG, gen(0))
+    b, _ = pseudo_queries(x, y, AUG, gen(0))
+    c, _ = pseudo_queries(x, y, AUG, gen(1))
     assert a.shape == (2 * len(x), 3, SIZE, SIZE) and torch.equal(ya, y.repeat(2))
     assert torch.equal(a, b) and not torch.equal(a, c) and a.min() >= 0 and a.max() <= 1
-    none = MergeConfig(pseudo_per_image=1, aug_prob=0.0)
-    assert torch.equal(pseudo_queries(x, y, none, torch.Generator().manual_seed(0))[0], x)
-
-
-@pytest.mark.parametrize("rule", ["amt", "uniform", "logit_avg", "min_support_ce", "single"])
-def test_every_rule_classifies_and_restores_the_weights(rule):
-    model = _pool()
-    before = _weights(model)
-    method = PoolMethod(model, NAMES, rule, CFG, member=2)
-    method.params = MergeParams(0.5, 6.0, 0.5, "mlp")
-    x, y = _support()
-    q = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    with method.adapt(x, y, 3, torch.Generator().manual_seed(0)) as (fn, record):
-        logits = fn(q)
-        assert logits.shape == (6, 3)
-        if rule == "logit_avg":
-            assert record.coefficients is None
-        else:
-            z = torch.tensor(record.coefficients)
-            assert z.sum().item() == pytest.approx(1.0)
-            expected_nonzero = {"amt": 2, "uniform": 3, "min_support_ce": 1, "single": 1}[rule]
-            assert int((z > 0).sum()) == expected_nonzero
-            if rule == "single":
-                assert z[2] == 1.0
-    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
-
-
-def test_logit_average_is_the_mean_of_the_members_logits():
-    model = _pool()
-    x, y = _support()
-    q = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    singles = []
-    for i in range(3):
-        with PoolMethod(model, NAMES, "single", CFG, member=i).adapt(x, y, 3, torch.Generator()) as (fn, _):
-            with torch.no_grad():
-                singles.append(fn(q))
-    with PoolMethod(model, NAMES, "logit_avg", CFG).adapt(x, y, 3, torch.Generator()) as (fn, _):
-        with torch.no_grad():
-            torch.testing.assert_close(fn(q), torch.stack(singles).mean(0), atol=1e-5, rtol=1e-5)
-
-
-def test_no_ttm_picks_the_member_with_the_lowest_support_ce():
-    model = _pool()
-    x, y = _support()
-    method = PoolMethod(model, NAMES, "min_support_ce", CFG)
-    scores = method.scores(x, y, 3, torch.Generator().manual_seed(0))
-    z = method.coefficients(scores, method.params)
-    assert int(z.argmax()) == int(scores.support_ce.argmin())
-
-
-def test_attack_gradients_reach_the_images_through_the_merged_model():
-    model = _pool()
-    method = PoolMethod(model, NAMES, "amt", CFG)
-    method.params = MergeParams(0.5, 6.0, 0.5, "all")
-    x, y = _support()
-    q = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    with method.adapt(x, y, 3, torch.Generator().manual_seed(0)) as (fn, _):
-        fn(q).logsumexp(-1).sum().backward()
-    assert q.grad is not None and q.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.parameters())  # evaluation models are frozen
-
-
-def test_finetuning_changes_the_task_model_and_restores_every_weight():
-    model = _pool()
-    before = _weights(model)
-    x, y = _support()
-    q = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    inner = PoolMethod(model, NAMES, "uniform", CFG)
-    outs = {}
-    for lr in (0.0, 1e-2):
-        method = FinetunedMethod(inner, FinetuneConfig(steps=3, lr=lr), CFG)
-        with method.adapt(x, y, 3, torch.Generator().manual_seed(0)) as (fn, record):
-            with torch.no_grad():
-                outs[lr] = fn(q)
-            assert record.extra["finetune_lr"] == lr
-        assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
-        assert all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
-    assert not torch.allclose(outs[0.0], outs[1e-2])
-    pm = FinetunedMethod(BackboneMethod(_pool()), FinetuneConfig(steps=2, lr=1e-2), CFG)
-    with pm.adapt(x, y, 3, torch.Generator()) as (fn, _):
-        assert fn(q).shape == (6, 3)
+    none = AugmentConfig(pseudo_per_image=1, pseudo_prob=0.0)
+    assert torch.equal(pseudo_queries(x, y, none, gen(0))[0], x)
 
 
 def test_grid_starts_without_trimming():
     grid = merge_grid(CFG)
-    assert grid[0].rho == 1.0 and grid[0].trim_layers == "none"
-    assert {(p.rho, p.trim_layers) for p in grid} == {(1.0, "none"), (0.5, "mlp")}
+    assert grid[0].rho == 1.0 and grid[0].trim_group == "none"
+    assert {(p.rho, p.trim_group) for p in grid} == {(1.0, "none"), (0.5, "mlp")}
+    only_trim = merge_grid(MergeConfig(lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(0.5,), trim_group_grid=("all",)))
+    assert [(p.rho, p.trim_group) for p in only_trim] == [(0.5, "all")]
 
 
 def test_gram_and_svd_trimming_agree():
-    g = torch.Generator().manual_seed(1)
+    g = gen(1)
     for shape in [(96, 288), (384, 96), (64, 64)]:
         w = torch.randn(*shape, generator=g)
         for rho in (0.9, 0.5, 0.1):

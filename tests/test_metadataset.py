@@ -13,11 +13,17 @@ from tfrecord import TFRecordWriter
 from tfrecord.tools.tfrecord2idx import create_index
 from torchvision.transforms import v2
 
-from amt.data.datasets import DataError
+from amt.config import AugmentConfig, DataConfig, DomainConfig
+from amt.data.base import DataError
+from amt.data.domains import check_domain, load_domain, validation_set
 from amt.data.episodes import FixedSampler, load_episode
 from amt.data.metadataset import MetaDatasetSpec, load_metadataset_domain
+from amt.data.transforms import build_transform
+
+from conftest import gen
 
 TO_TENSOR = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+TEST8 = build_transform(8, DataConfig(resize_ratio=1.0), AugmentConfig(), train=False)
 SPLIT = {"TRAIN": 2, "VALID": 1, "TEST": 5}  # 8 classes: ids 0-1 train, 2 valid, 3-7 test
 PER_CLASS = 6
 
@@ -89,7 +95,7 @@ def test_max_images_and_cache(tiny):
 
 def test_five_way_episode(tiny):
     ds = load_metadataset_domain(tiny, "test", TO_TENSOR)
-    sampler = FixedSampler(ds.indices_by_class(), n_way=5, n_shot=2, n_query=3, generator=torch.Generator().manual_seed(0))
+    sampler = FixedSampler(ds.indices_by_class(), n_way=5, n_shot=2, n_query=3, generator=gen(0))
     ep = load_episode(ds, sampler.sample())
     assert ep.support_images.shape == (10, 3, 8, 8) and ep.query_images.shape == (15, 3, 8, 8)
     assert sorted(ep.class_ids.tolist()) == [0, 1, 2, 3, 4]
@@ -134,7 +140,8 @@ def test_count_mismatch_warns(tiny, caplog):
 def test_spec_variants_and_errors(tmp_path):
     root = tmp_path
     # hierarchical (ilsvrc_2012): images_per_class nested per split
-    h = MetaDatasetSpec.from_dict({"images_per_class": {"TRAIN": {"0": 3, "1": 4}, "VALID": {"2": 5}, "TEST": {"3": 1}}}, root)
+    nested = {"TRAIN": {"0": 3, "1": 4}, "VALID": {"2": 5}, "TEST": {"3": 1}}
+    h = MetaDatasetSpec.from_dict({"images_per_class": nested}, root)
     assert h.classes_per_split == {"TRAIN": 2, "VALID": 1, "TEST": 1} and h.class_ids("test") == [3]
     # bi-level (omniglot): superclasses per split
     b = MetaDatasetSpec.from_dict({
@@ -166,18 +173,17 @@ def test_undecodable_image_and_wrong_label(tmp_path):
 
 
 def test_metadataset_format_through_load_domain_and_evaluation(tiny, tmp_path):
-    from amt.config import DataConfig, DomainConfig, EvalConfig
-    from amt.evaluate import evaluate
-    from amt.head import cosine_logits, prototypes
-    from amt.merge import TaskRecord
     from contextlib import contextmanager
 
-    from amt.data.datasets import load_domain
+    from amt.config import EvalConfig
+    from amt.evaluate import evaluate
+    from amt.head import cosine_logits, prototypes
+    from amt.methods import TaskRecord
 
     domain = DomainConfig("tiny", str(tiny), format="metadataset", split="test")
-    ds = load_domain(domain, DataConfig(image_size=8, resize_ratio=1.0))
+    ds = load_domain(domain, DataConfig(), TEST8)
     assert ds.class_names == [f"n{c:03d}" for c in range(3, 8)]
-    assert load_domain(domain, DataConfig(image_size=8, resize_ratio=1.0), split="train").class_names == ["n000", "n001"]
+    assert load_domain(domain, DataConfig(), TEST8, split="train").class_names == ["n000", "n001"]
 
     class Colour:  # a method that classifies by mean colour
         tunable = False
@@ -189,3 +195,16 @@ def test_metadataset_format_through_load_domain_and_evaluation(tiny, tmp_path):
 
     res = evaluate({"colour": Colour()}, [(domain, ds)], EvalConfig(n_tasks=3, shots=(1,), n_query=2, corruptions=()))
     assert res["results"][0]["n_tasks"] == 3 and res["results"][0]["mean"] > 50
+
+
+def test_metadataset_domain_validation_set_and_check(tmp_path, tiny):
+    domain = DomainConfig("tiny", str(tiny), format="metadataset", split="test")
+    val = validation_set(domain, DataConfig(), TEST8, n_way=1)  # the spec's VALID split: class 2
+    assert val.class_names == ["n002"] and val.class_ids == [2] and val[0][0].shape == (3, 8, 8)
+    assert validation_set(domain, DataConfig(), TEST8, n_way=2) is None
+    spec = json.loads((tiny / "dataset_spec.json").read_text())
+    spec["classes_per_split"] = {"TRAIN": 2, "VALID": 0, "TEST": 6}  # e.g. traffic_sign: no validation classes
+    (tiny / "dataset_spec.json").write_text(json.dumps(spec))
+    assert validation_set(domain, DataConfig(), TEST8, n_way=1) is None
+    report = check_domain(domain, DataConfig(), n_way=5, n_shot=1, n_query=5)
+    assert report["classes"] == 6 and report["images"] == 6 * PER_CLASS and report["problems"] == []

@@ -13,7 +13,7 @@ PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
 NAMES = [p.name for p in PRESETS]
 # Sections every preset repeats verbatim (the files are standalone; there is no include mechanism).
-SHARED = ("benchmark", "data", "lora", "head", "pool", "perturb", "train", "attack", "eval", "merge",
+SHARED = ("benchmark", "data", "augment", "lora", "head", "pool", "perturb", "train", "attack", "eval", "merge",
           "finetune", "methods", "train_domain")
 META_DATASET = ["ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
                 "traffic_sign", "mscoco"]
@@ -37,7 +37,7 @@ def test_preset_loads_with_paper_settings(name):
     assert cfg.backbone.checkpoint and cfg.backbone.checkpoint.endswith(".pth")
     assert cfg.backbone.mean == pytest.approx((0.485, 0.456, 0.406))
     assert cfg.backbone.std == pytest.approx((0.229, 0.224, 0.225))
-    assert cfg.data.image_size == 128 and round(cfg.data.image_size * cfg.data.resize_ratio) == 146
+    assert round(cfg.backbone.image_size * cfg.data.resize_ratio) == 146
     # LoRA rank 8 on qkv / proj / fc1 / fc2, SVD init
     assert cfg.lora.rank == 8 and cfg.lora.scaling == 1.0 and cfg.lora.init == "svd"
     assert set(cfg.lora.targets) == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}
@@ -47,7 +47,7 @@ def test_preset_loads_with_paper_settings(name):
     assert cfg.pool.step_ratio == 0.5 and cfg.pool.strategy == "separate"
     assert cfg.pool.attack.steps == 2 and cfg.pool.attack.objective == "kl" and cfg.pool.attack.norm == "linf"
     # APSV and the meta-tuning schedule
-    assert cfg.perturb.enabled and cfg.perturb.eta == pytest.approx(1e-4) and cfg.perturb.mode == "relative"
+    assert cfg.train.apsv and cfg.perturb.eta == pytest.approx(1e-4) and cfg.perturb.mode == "relative"
     t = cfg.train
     assert (t.mode, t.apq, t.epochs, t.warmup_epochs, t.episodes_per_epoch) == ("lora", True, 30, 5, 2000)
     assert t.lr == pytest.approx(5e-4) and t.momentum == 0.9 and t.weight_decay == 0.0
@@ -61,7 +61,8 @@ def test_preset_loads_with_paper_settings(name):
     assert cfg.merge.top_k == 2 and 1.0 in cfg.merge.rho_grid
     # source domain: Meta-Dataset ImageNet train classes, with a splits file (its "val" classes select members)
     td = cfg.train_domain
-    assert td is not None and td.name == "ilsvrc_2012" and td.split == "train" and td.format == "metadataset" and td.in_domain
+    assert td is not None and td.name == "ilsvrc_2012" and td.split == "train"
+    assert td.format == "metadataset" and td.in_domain
     # every evaluation domain is well formed
     assert cfg.domains
     assert len({d.name for d in cfg.domains}) == len(cfg.domains)
@@ -114,7 +115,7 @@ def test_backbone_variants():
 def test_every_variant_applies_to_the_presets(variant):
     cfg = _load("metadataset.yaml", variant_overrides(variant))
     if variant == "pmf":
-        assert cfg.train.mode == "full" and not cfg.perturb.enabled
+        assert cfg.train.mode == "full" and not cfg.train.apsv
     # variants never touch the attack template, so the pool still attacks with 2 KL steps
     assert cfg.pool.attack.steps == 2 and cfg.pool.attack.objective == "kl"
 
@@ -122,8 +123,8 @@ def test_every_variant_applies_to_the_presets(variant):
 def test_documented_overrides_parse():
     """The --set lines used in docs/paper.md build valid configurations."""
     sets = [
-        "methods=[{name: PM}, {name: AMT, pool: runs/paper/amt_1shot, rule: amt},"
-        " {name: AMT-FT, pool: runs/paper/amt_1shot, rule: amt, finetune: true}]",
+        "methods=[{name: PM}, {name: AMT, pool: runs/paper/amt_1shot, rule: ttm},"
+        " {name: AMT-FT, pool: runs/paper/amt_1shot, rule: ttm, finetune: true}]",
         "eval.shots=[1]",
         "merge.rho_grid=[1.0]",
         "pool.attack.steps=5",

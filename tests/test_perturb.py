@@ -14,6 +14,8 @@ from amt.config import PerturbConfig
 from amt.lora import adapter_parameters, inject_lora, mark_trainable
 from amt.perturb import adversarial_weights, perturbed, weight_perturbation
 
+from conftest import assert_same_state, gen, snapshot, tiny_vit
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -28,8 +30,7 @@ def _one_thread():
 
 @functools.cache
 def _tiny_lora_vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0).eval()
+    model = tiny_vit()
     inject_lora(model, names=("m0", "m1"), rank=4)  # SVD init is the slow part: build once, copy per test
     return model
 
@@ -38,7 +39,7 @@ def setup():
     """Fresh copy of a tiny ViT with LoRA members m0 (active, trainable) and m1, a fixed batch, a CE closure."""
     model = copy.deepcopy(_tiny_lora_vit())
     params = mark_trainable(model, "m0")
-    g = torch.Generator().manual_seed(1)
+    g = gen(1)
     images = torch.rand(6, 3, 32, 32, generator=g)
     labels = torch.arange(6) % 5
     classifier = torch.randn(48, 5, generator=g)
@@ -47,10 +48,6 @@ def setup():
         return F.cross_entropy(model(images) @ classifier, labels)
 
     return model, params, loss_fn
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def clean_grads(params, loss_fn):
@@ -66,23 +63,20 @@ def test_restored_bit_for_bit_and_only_member_factors_move():
         inside = model.state_dict()
         for k, v in before.items():
             assert torch.equal(inside[k], v) != (k in own), k  # m0 factors moved, all else untouched
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_same_state(before, model)
 
 
 def test_restored_when_body_raises():
     model, params, loss_fn = setup()
     before = snapshot(model)
-    with pytest.raises(KeyError, match="boom"):
-        with adversarial_weights(params, loss_fn, PerturbConfig(eta=1e-2)):
-            loss_fn().backward()
-            raise KeyError("boom")
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(KeyError, match="boom"), adversarial_weights(params, loss_fn, PerturbConfig(eta=1e-2)):
+        loss_fn().backward()
+        raise KeyError("boom")
+    assert_same_state(before, model)
 
 
 def test_relative_step_size_and_direction():
-    model, params, loss_fn = setup()
+    _, params, loss_fn = setup()
     grads = clean_grads(params, loss_fn)
     originals = [p.detach().clone() for p in params]
     eta = 1e-4
@@ -120,9 +114,8 @@ def test_perturbation_increases_loss(mode, eta):
     _, params, loss_fn = setup()
     with torch.no_grad():
         clean = loss_fn().item()
-    with adversarial_weights(params, loss_fn, PerturbConfig(eta=eta, mode=mode)):
-        with torch.no_grad():
-            adv = loss_fn().item()
+    with adversarial_weights(params, loss_fn, PerturbConfig(eta=eta, mode=mode)), torch.no_grad():
+        adv = loss_fn().item()
     assert adv > clean + 1e-5
 
 
@@ -133,20 +126,14 @@ def test_grad_attributes_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_disabled_is_a_no_op():
+def test_eta_zero_perturbs_nothing():
     model, params, loss_fn = setup()
     before = snapshot(model)
-    calls = []
-
-    def counting_loss():
-        calls.append(1)
-        return loss_fn()
-
-    with adversarial_weights(params, counting_loss, PerturbConfig(enabled=False)) as deltas:
-        inside = model.state_dict()
-        assert all(torch.equal(inside[k], v) for k, v in before.items())
-    assert deltas == [None] * len(params) and not calls
+    with adversarial_weights(params, loss_fn, PerturbConfig(eta=0.0)) as deltas:
+        assert_same_state(before, model)
+    assert deltas == [None] * len(params)
     assert all(p.grad is None for p in model.parameters())
+    assert_same_state(before, model)
 
 
 def test_skips_unused_zero_and_nonfinite_grads():
@@ -196,9 +183,8 @@ def test_sam_order_with_sgd_matches_manual_computation():
 def test_graph_recorded_before_entering_fails_loudly_in_float32():
     _, params, loss_fn = setup()
     stale = loss_fn()  # saved the clean factors
-    with adversarial_weights(params, loss_fn, PerturbConfig()):
-        with pytest.raises(RuntimeError, match="inplace"):
-            stale.backward()
+    with adversarial_weights(params, loss_fn, PerturbConfig()), pytest.raises(RuntimeError, match="inplace"):
+        stale.backward()
 
 
 def test_argument_errors():
@@ -210,17 +196,15 @@ def test_argument_errors():
         weight_perturbation(params, grads, -1.0, "relative")
     with pytest.raises(ValueError, match="grads"):
         weight_perturbation(params, grads[:-1], 1e-4, "relative")
-    with pytest.raises(ValueError, match="more than once"):
-        with perturbed([params[0], params[0]], [grads[0], grads[0]]):
-            pass
-    with pytest.raises(ValueError, match="scalar"):
-        with adversarial_weights(params, lambda: torch.zeros(3, requires_grad=True), PerturbConfig()):
-            pass
+    with pytest.raises(ValueError, match="more than once"), perturbed([params[0], params[0]], [grads[0], grads[0]]):
+        pass
+    scalar_needed = adversarial_weights(params, lambda: torch.zeros(3, requires_grad=True), PerturbConfig())
+    with pytest.raises(ValueError, match="scalar"), scalar_needed:
+        pass
     model, _, _ = setup()
     frozen = adapter_parameters(model, "m1")
-    with pytest.raises(ValueError, match="require grad"):
-        with adversarial_weights(frozen, loss_fn, PerturbConfig()):
-            pass
+    with pytest.raises(ValueError, match="require grad"), adversarial_weights(frozen, loss_fn, PerturbConfig()):
+        pass
 
 
 def test_perturbation_is_seen_inside_one_autocast_region():

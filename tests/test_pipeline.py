@@ -6,12 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amt.backbone import Backbone, build_vit, fingerprint, load_checkpoint
+from amt.backbone import Backbone, build_vit
+from amt.checkpoints import fingerprint, load_checkpoint
 from amt.cli import main
-from amt.config import DataConfig, DomainConfig, PretrainConfig
-from amt.data.datasets import load_domain
+from amt.config import AugmentConfig, DataConfig, DomainConfig, PretrainConfig
+from amt.data.domains import load_domain
+from amt.data.transforms import build_transform
 from amt.pipeline import embedded_asset
 from amt.pretrain import pretrain
+from amt.rundir import MANIFEST_FILE
 
 from conftest import write_image_folder
 
@@ -24,7 +27,7 @@ SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_p
          "--set", "eval.l2_eps=[0.5]", "--set", "eval.corruption_tasks=1", "--set", "eval.val_tasks=2",
          "--set", "eval.corruptions=[gaussian_noise, fog]", "--set", "eval.severities=[1, 5]",
          "--set", "merge.lambda_grid=[0.5]", "--set", "merge.beta_grid=[6]", "--set", "merge.rho_grid=[1.0, 0.5]",
-         "--set", "merge.trim_layers_grid=[mlp]", "--set", "merge.pseudo_per_image=1"]
+         "--set", "merge.trim_group_grid=[mlp]", "--set", "augment.pseudo_per_image=1"]
 
 
 def test_shipped_backbone_loads_strictly_and_matches_its_record():
@@ -52,9 +55,11 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     conditions = {(r["condition"], (r.get("corruption") or {}).get("name")) for r in results["results"]}
     assert conditions == {("clean", None), ("adversarial", None), ("corruption", "gaussian_noise"),
                           ("corruption", "fog")}
-    merge = results["merge"]["AMT"]["latin"]
-    assert merge["validation_tasks"] == "validation classes" and set(merge["chosen"]) >= {"lambda", "rho"}
-    assert all(abs(sum(z) - 1) < 1e-5 for z in merge["coefficients"]["1"])
+    tuning = results["tuning"]["AMT"]["latin"]
+    assert set(tuning) == {"1", "5"}  # tuned per shot
+    assert tuning["1"]["validation_tasks"] == "validation classes" and set(tuning["1"]["chosen"]) >= {"lambda", "rho"}
+    assert all(abs(sum(z) - 1) < 1e-5 for z in tuning["1"]["coefficients"]) and len(tuning["5"]["coefficients"]) == 3
+    assert "Clean LoRA" not in results["tuning"]  # nothing to tune
     assert (out / "report" / "report.md").is_file() and (out / "report" / "accuracy_vs_eps.png").is_file()
     assert (out / "config.yaml").is_file() and "amt_glyph_vit" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out
@@ -81,22 +86,22 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
 def test_shipped_backbone_is_far_above_random_init(tmp_path):
     """Few-shot accuracy of the shipped backbone vs the same architecture at random init, on colour-free data:
     Greek glyph test classes through the embedded pipeline's loaders."""
-    from amt.config import EvalConfig
+    from amt.config import EvalConfig, GlyphConfig
     from amt.data.glyphs import build_glyph_benchmark, glyph_domains
-    from amt.config import GlyphConfig
     from amt.evaluate import evaluate
-    from amt.merge import BackboneMethod
+    from amt.methods import BackboneMethod
 
     root = build_glyph_benchmark(GlyphConfig(max_source_classes=14, max_classes_per_domain=12), tmp_path)
     _, domains = glyph_domains(root)
     greek = [d for d in domains if d.name == "greek"][0]
-    ds = load_domain(greek, DataConfig(image_size=32, resize_ratio=1.0))
+    data = DataConfig(resize_ratio=1.0)
+    ds = load_domain(greek, data, build_transform(32, data, AugmentConfig(), train=False))
     info = json.loads(embedded_asset("glyph_vit.json").read_text())
     trained = Backbone(build_vit("amt_glyph_vit", 32), info["mean"], info["std"])
     load_checkpoint(trained.vit, embedded_asset("glyph_vit.safetensors"))
     torch.manual_seed(0)
     random = Backbone(build_vit("amt_glyph_vit", 32), info["mean"], info["std"])
-    res = evaluate({"trained": BackboneMethod(trained), "random": BackboneMethod(random)},
+    res = evaluate({"trained": BackboneMethod(trained, 10.0), "random": BackboneMethod(random, 10.0)},
                    [(greek, ds)], EvalConfig(n_tasks=20, shots=(1,), n_query=5, corruptions=()))
     acc = {r["method"]: r["mean"] for r in res["results"]}
     assert acc["trained"] > acc["random"] + 20.0
@@ -104,8 +109,8 @@ def test_shipped_backbone_is_far_above_random_init(tmp_path):
 
 def test_pretraining_learns_the_training_classes(tmp_path):
     root = write_image_folder(tmp_path / "d", 6, 10, size=32)
-    ds = load_domain(DomainConfig("d", str(root)), DataConfig(image_size=32, crop_scale=(0.8, 1.0), hflip=False),
-                     train=True)
+    data = DataConfig(crop_scale=(0.8, 1.0))
+    ds = load_domain(DomainConfig("d", str(root)), data, build_transform(32, data, AugmentConfig(hflip=False), True))
     torch.manual_seed(0)
     backbone = Backbone(build_vit("vit_tiny_test", 32))
     metrics = pretrain(backbone, ds, PretrainConfig(steps=60, batch_size=16, warmup_steps=5, lr=1e-3), 48)
@@ -119,8 +124,6 @@ def test_bad_config_key_is_a_clear_cli_error(tmp_path, caplog):
 
 
 def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, capsys):
-    from amt.train import MANIFEST_FILE
-
     out = tmp_path / "pool"
     common = ["--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN]
     assert main(["train", *common, "--stop-after", "2"]) == 0
@@ -145,7 +148,7 @@ def test_train_cli_writes_a_pool_that_resumes_and_refuses_bad_input(tmp_path, ca
     assert main(["train", "--variant", "clean_lora", "--out", str(clean), *common[2:]]) == 0
     manifest = json.loads((clean / MANIFEST_FILE).read_text())
     assert len(manifest["members"]) == 1 and manifest["members"][0]["attack"] is None
-    assert manifest["config"]["train"]["apq"] is False and manifest["config"]["perturb"]["enabled"] is False
+    assert manifest["config"]["train"]["apq"] is False and manifest["config"]["train"]["apsv"] is False
 
 
 def test_pmf_trains_the_full_backbone_and_evaluates_as_a_row(tmp_path):

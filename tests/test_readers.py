@@ -1,17 +1,25 @@
 """Dedicated readers: ISIC 2018 and ChestX-ray14 (BSCD-FSL) tables, FWT JSON file lists; `amt data check`."""
 
+import inspect
 import json
+import subprocess
+import sys
+import typing
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from amt.config import DataConfig, DomainConfig
-from amt.data.datasets import CHESTX_CLASSES, FORMATS, DataError, check_domain, load_domain
+from amt.config import AugmentConfig, DataConfig, DomainConfig
+from amt.data.base import DataError
+from amt.data.domains import check_domain, load_domain
+from amt.data.readers import CHESTX_CLASSES, FORMATS, READERS
+from amt.data.transforms import build_transform
 
 ISIC_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-CFG = DataConfig(image_size=16)
+CFG = DataConfig()
+T16 = build_transform(16, CFG, AugmentConfig(), train=False)
 
 
 def _image(path, grey=False, size=20):
@@ -86,13 +94,13 @@ def filelist(tmp_path):
 
 
 def test_isic_labels_from_one_hot_columns(isic, tmp_path):
-    ds = load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+    ds = load_domain(DomainConfig("isic", str(isic), format="isic"), CFG, T16)
     assert ds.class_names == ISIC_COLUMNS and ds.name == "isic"
     assert _labels(ds) == {"ISIC_0001.jpg": "MEL", "ISIC_0002.jpg": "MEL", "ISIC_0003.jpg": "NV",
                            "ISIC_0004.jpg": "NV", "ISIC_0005.jpg": "VASC", "ISIC_0006.jpg": "VASC",
                            "ISIC_0007.jpg": "VASC"}
     _assert_images(ds)
-    ds = load_domain(DomainConfig("isic", str(isic), "isic", _splits(tmp_path, ["VASC", "MEL"]), "test"), CFG)
+    ds = load_domain(DomainConfig("isic", str(isic), "isic", _splits(tmp_path, ["VASC", "MEL"]), "test"), CFG, T16)
     assert ds.class_names == ["VASC", "MEL"] and [len(c) for c in ds.indices_by_class()] == [3, 2]
 
 
@@ -100,7 +108,7 @@ def test_isic_table_in_its_own_folder_as_unzipped(isic):
     table = isic / "ISIC2018_Task3_Training_GroundTruth.csv"
     (isic / "ISIC2018_Task3_Training_GroundTruth").mkdir()
     table.rename(isic / "ISIC2018_Task3_Training_GroundTruth" / table.name)
-    assert len(load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)) == 7
+    assert len(load_domain(DomainConfig("isic", str(isic), format="isic"), CFG, T16)) == 7
 
 
 def test_isic_row_not_one_hot_names_file_and_line(isic):
@@ -109,18 +117,18 @@ def test_isic_row_not_one_hot_names_file_and_line(isic):
     lines[3] = "ISIC_0003,1.0,1.0,0.0,0.0,0.0,0.0,0.0"
     table.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"GroundTruth\.csv line 4: .*not one-hot"):
-        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG, T16)
     lines[3] = "ISIC_0003,0.0,0.0,0.0,0.0,0.0,0.0,0.0"
     table.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="line 4"):
-        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG, T16)
     table.unlink()
     with pytest.raises(DataError, match="does not exist; expected .*ISIC2018_Task3_Training_Input"):
-        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG)
+        load_domain(DomainConfig("isic", str(isic), format="isic"), CFG, T16)
 
 
 def test_chestx_keeps_single_findings_of_the_seven_classes(chestx, tmp_path):
-    ds = load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG)
+    ds = load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG, T16)
     assert ds.class_names == list(CHESTX_CLASSES)
     assert _labels(ds) == {"00000001_000.png": "Atelectasis", "00000002_000.png": "Atelectasis",
                            "00000003_000.png": "Effusion", "00000004_000.png": "Effusion",
@@ -128,33 +136,35 @@ def test_chestx_keeps_single_findings_of_the_seven_classes(chestx, tmp_path):
                            "00000007_000.png": "Pneumothorax"}
     _assert_images(ds)  # greyscale PNGs come out as 3 channels
     ds = load_domain(DomainConfig("chestx", str(chestx), "chestx", _splits(tmp_path, ["Effusion", "Atelectasis"]),
-                                  "test"), CFG)
+                                  "test"), CFG, T16)
     assert ds.class_names == ["Effusion", "Atelectasis"] and [len(c) for c in ds.indices_by_class()] == [3, 2]
 
 
 def test_chestx_bad_table_is_clear(chestx):
     (chestx / "Data_Entry_2017.csv").write_text("Image,Labels\na.png,Mass\n")
     with pytest.raises(DataError, match="'Image Index' and 'Finding Labels'"):
-        load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG)
+        load_domain(DomainConfig("chestx", str(chestx), format="chestx"), CFG, T16)
 
 
 def test_filelist_remaps_noncontiguous_labels(filelist, tmp_path):
-    ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG)
+    ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG, T16)
     assert ds.class_names == ["100.bird_100", "101.bird_101", "102.bird_102"]
     assert sorted(set(ds.targets)) == [0, 1, 2] and [len(c) for c in ds.indices_by_class()] == [3, 2, 2]
     assert all(ds.class_names[y] == p.parent.name and p.is_file() for p, y in ds.samples)
     _assert_images(ds)
-    ds = load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["102.bird_102"]), "test"), CFG)
+    ds = load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["102.bird_102"]), "test"),
+                     CFG, T16)
     assert ds.class_names == ["102.bird_102"] and len(ds) == 2
     with pytest.raises(DataError, match=r"not in the data, e\.g\. \['nope'\]"):
-        load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["nope"]), "test"), CFG)
+        load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["nope"]), "test"), CFG, T16)
 
 
 def test_filelist_without_label_names_uses_the_numbers(filelist):
     meta = json.loads(filelist.read_text())
     del meta["label_names"]
     filelist.write_text(json.dumps(meta))
-    assert load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG).class_names == ["100", "101", "102"]
+    ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG, T16)
+    assert ds.class_names == ["100", "101", "102"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -169,7 +179,7 @@ def test_filelist_errors_name_file_and_expectation(tmp_path, content, message):
     path = tmp_path / "novel.json"
     path.write_text(content)
     with pytest.raises(DataError, match=message) as info:
-        load_domain(DomainConfig("d", str(path), format="filelist"), CFG)
+        load_domain(DomainConfig("d", str(path), format="filelist"), CFG, T16)
     assert str(path) in str(info.value)
 
 
@@ -181,7 +191,7 @@ def test_check_domain_reports_missing_image(isic, chestx, filelist):
                             ("filelist", filelist, "img_101_1.jpg")):
         report = check_domain(DomainConfig(fmt, str(path), format=fmt), CFG, n_way=2, n_shot=1, n_query=1)
         assert [p for p in report["problems"] if p.startswith("missing file")] == [
-            f"missing file {p}" for p, _ in load_domain(DomainConfig(fmt, str(path), format=fmt), CFG).samples
+            f"missing file {p}" for p, _ in load_domain(DomainConfig(fmt, str(path), format=fmt), CFG, T16).samples
             if p.name == gone]
         assert report["images"] == 6 and report["classes"] == (3 if fmt == "filelist" else 7)
 
@@ -211,3 +221,15 @@ def test_every_format_is_a_cli_choice(tmp_path):
 
     for fmt in FORMATS:  # a missing path is a data error (exit 2), not an argparse rejection (SystemExit)
         assert main(["data", "check", str(tmp_path / "nope"), "--format", fmt]) == 2
+
+
+def test_registry_matches_config_and_readers_share_one_signature():
+    assert FORMATS == typing.get_args(typing.get_type_hints(DomainConfig)["format"])
+    signatures = {fmt: inspect.signature(reader) for fmt, reader in READERS.items()}
+    assert len({str(s) for s in signatures.values()}) == 1, signatures
+
+
+def test_readers_do_not_import_the_metadataset_reader_until_used():
+    code = ("import sys, amt.data.domains, amt.data.readers; "
+            "assert not {'tfrecord', 'crc32c', 'amt.data.metadataset'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from amt.report import (condition_table, figures, main_table, markdown_table, mean_ci95, merge_table,
-                        render_report)
+from amt.report import condition_table, figures, main_table, markdown_table, mean_ci95, merge_table, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 METHODS = ["PM", "StyleAdv", "AMT"]
@@ -44,12 +43,13 @@ def synthetic(with_optional=True):
                 rows += [_row(rng, m, d, s, condition="corruption", corruption=c) for c in CORRUPTIONS]
     results = {"protocol": {"n_way": 5, "n_query": 15, "n_tasks": T, "seed": 0, "shots": SHOTS}, "results": rows}
     if with_optional:
-        coeffs = {str(s): [[rng.random() for _ in range(4)] for _ in range(T)] for s in SHOTS}
-        chosen = {"lambda": 0.5, "beta": 6.0, "rho": 0.9, "trim_layers": "attn"}
-        results["merge"] = {"AMT": {d: {"rule": "amt", "members": [f"member{i}" for i in range(4)], "chosen": chosen,
-                                        "validation": [{"params": {**chosen, "rho": 1.0}, "acc": 80.0},
-                                                       {"params": chosen, "acc": 81.5}],
-                                        "coefficients": coeffs} for d in DOMAINS}}
+        chosen = {"lambda": 0.5, "beta": 6.0, "rho": 0.9, "trim_group": "attn"}
+        results["tuning"] = {"AMT": {d: {str(s): {
+            "rule": "ttm", "members": [f"member{i}" for i in range(4)], "validation_tasks": "validation classes",
+            "chosen": {**chosen, "beta": 6.0 + s},
+            "validation": [{"params": {**chosen, "beta": 6.0 + s, "rho": 1.0}, "acc": 80.0},
+                           {"params": {**chosen, "beta": 6.0 + s}, "acc": 81.5 + s}],
+            "coefficients": [[rng.random() for _ in range(4)] for _ in range(T)]} for s in SHOTS} for d in DOMAINS}}
         results["spectra"] = {label: {layer: sorted((rng.uniform(0.01, 10) for _ in range(16)), reverse=True)
                                       for layer in ("blocks.3.attn.qkv", "blocks.3.mlp.fc1")}
                               for label in ("AMT (APQ+APSV)", "APQ only")}
@@ -139,9 +139,13 @@ def test_main_table_averages_and_dashes_where_absent():
     assert csv_rows(main_table(clean_only, "csv"))[0]["PGD OOD"] == ""
 
 
-def test_merge_table_lists_chosen_hyperparameters_and_their_validation_acc():
-    row = md_rows(merge_table(synthetic()))[0]
-    assert row["domain"] == "latin" and "rho=0.9" in row["chosen"] and row["validation acc"] == "81.50"
+def test_merge_table_lists_chosen_hyperparameters_per_shot_and_their_validation_acc():
+    rows = md_rows(merge_table(synthetic()))
+    assert len(rows) == len(DOMAINS) * len(SHOTS)
+    for row in rows[: len(SHOTS)]:
+        s = int(row["shot"])
+        assert row["domain"] == "latin" and "rho=0.9" in row["chosen"] and f"beta={6.0 + s}" in row["chosen"]
+        assert float(row["validation acc"]) == 81.5 + s and row["validation tasks"] == "validation classes"
 
 
 def test_figures_are_pngs_and_absent_sections_are_skipped(tmp_path):

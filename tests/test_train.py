@@ -8,19 +8,53 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from amt.backbone import Backbone, build_vit
-from amt.config import (VARIANTS, AttackConfig, ConfigError, DataConfig, DomainConfig, ExperimentConfig, HeadConfig,
-                        LoRAConfig, PerturbConfig, PoolConfig, TrainConfig, from_dict, merge_dicts, to_dict,
-                        variant_overrides)
-from amt.data.datasets import load_domain
+from amt.backbone import Backbone
+from amt.config import (
+    VARIANTS,
+    AttackConfig,
+    AugmentConfig,
+    ConfigError,
+    DataConfig,
+    DomainConfig,
+    ExperimentConfig,
+    HeadConfig,
+    LoRAConfig,
+    PerturbConfig,
+    PoolConfig,
+    TrainConfig,
+    from_dict,
+    merge_dicts,
+    to_dict,
+    variant_overrides,
+)
+from amt.data.domains import load_domain
 from amt.data.episodes import FixedSampler, load_episode
-from amt.lora import adapter_state_dict, inject_lora, lora_layers
-from amt.train import (MemberSpec, TrainingError, check_fingerprint, load_member_weights, lr_at, member_attack,
-                       member_names, train_member, training_step)
+from amt.data.transforms import build_transform
+from amt.lora import (
+    adapter_parameters,
+    adapter_state_dict,
+    inject_lora,
+    lora_layers,
+    mark_trainable,
+    set_active_adapter,
+)
+from amt.rundir import check_fingerprint, load_weights, member_names
+from amt.train import (
+    MemberSpec,
+    MetaTuning,
+    TrainingError,
+    kl_clean_adv,
+    lr_at,
+    member_attack,
+    meta_loss,
+    train_member,
+    training_step,
+)
 
-from conftest import write_image_folder
+from conftest import changed_keys, gen, snapshot, tiny_backbone, write_image_folder
 
 SIZE = 32
 POOL = PoolConfig(eps=(2 / 255, 8 / 255), attack=AttackConfig(steps=2, objective="kl"))
@@ -29,11 +63,9 @@ TINY = TrainConfig(epochs=1, episodes_per_epoch=6, warmup_epochs=0.5, lr=0.05, n
 
 
 def _model(names=("member0", "member1"), init="svd") -> Backbone:
-    torch.manual_seed(0)
-    model = Backbone(build_vit("vit_tiny_test", SIZE), mean=(0.5,) * 3, std=(0.5,) * 3).eval()
+    model = tiny_backbone(image_size=SIZE)
     if names:
-        inject_lora(model.vit, LoRAConfig().targets, list(names), rank=4, init=init,
-                    generator=torch.Generator().manual_seed(1))
+        inject_lora(model.vit, LoRAConfig().targets, list(names), rank=4, init=init, generator=gen(1))
     return model
 
 
@@ -42,9 +74,9 @@ def write_data(path):
 
 
 def load_data(root):
-    dcfg = DataConfig(image_size=SIZE, resize_ratio=1.0, cache_decoded=True)
+    dcfg = DataConfig(resize_ratio=1.0, cache_decoded=True)
     dom = DomainConfig(name="d", path=str(root))
-    return load_domain(dom, dcfg, train=True), load_domain(dom, dcfg, train=False)
+    return tuple(load_domain(dom, dcfg, build_transform(SIZE, dcfg, AugmentConfig(), train)) for train in (True, False))
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +85,27 @@ def data(tmp_path_factory):
 
 
 def _episode(dataset, seed=0):
-    sampler = FixedSampler(dataset.indices_by_class(), 3, 1, 2, torch.Generator().manual_seed(seed), "d")
+    sampler = FixedSampler(dataset.indices_by_class(), 3, 1, 2, gen(seed), "d")
     return load_episode(dataset, sampler.sample())
 
 
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _changed(before, after) -> set[str]:
-    return {k for k in before if not torch.equal(before[k], after[k])}
-
-
-def _run(model, tmp_path, data, cfg=TINY, perturb=PerturbConfig(), pool=POOL, name="member0", index=0, **kw):
+def _run(model, tmp_path, data, cfg=TINY, perturb=None, pool=POOL, name="member0", index=0, **kw):
     spec = MemberSpec(index, name, tmp_path / (name or "full"))
-    return train_member(model, spec, data[0], data[1], cfg, pool, perturb, HeadConfig(), **kw), spec
+    settings = MetaTuning(cfg, pool, perturb or PerturbConfig(), HeadConfig())
+    return train_member(model, spec, data[0], data[1], settings, **kw), spec
+
+
+def _member_step(data, apq=True, apsv=False, lambda_adv=6.0, eta=1e-4, model=None, episode=None):
+    """One training step of member0 (trained: member0's factors and the scale); returns (model, grads, result)."""
+    model = model or _model()
+    trained = mark_trainable(model, ["member0"])
+    set_active_adapter(model, "member0")
+    scale = torch.nn.Parameter(torch.tensor(10.0))
+    attack = member_attack(POOL, 1, gen(0)) if apq else None
+    _, res = training_step(model, episode or _episode(data[0]), scale,
+                           adapter_parameters(model, "member0") if apsv else None, attack, PerturbConfig(eta=eta),
+                           lambda_adv, gen(0))
+    return model, [p.grad.clone() for p in trained + [scale]], res
 
 
 # ---------------------------------------------------------------------------- schedule and attacks
@@ -97,8 +135,59 @@ def test_pool_strategies_choose_the_documented_radius():
 
 
 def test_clean_meta_tuning_trains_one_member_and_apq_one_per_radius():
-    assert member_names(POOL, TINY) == ["member0", "member1"]
-    assert member_names(POOL, dataclasses.replace(TINY, apq=False)) == ["member0"]
+    assert member_names(len(POOL.eps), True) == ["member0", "member1"]
+    assert member_names(len(POOL.eps), False) == ["member0"]
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def test_kl_is_taken_from_the_clean_to_the_adversarial_distribution():
+    clean, adv = torch.randn(5, 4, generator=gen(0)), torch.randn(5, 4, generator=gen(1)) * 3
+    p, q = clean.softmax(-1), adv.softmax(-1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean()  # KL(p_clean ‖ p_adv)
+    flipped = (q * (q.log() - p.log())).sum(-1).mean()
+    assert not torch.isclose(by_hand, flipped, rtol=1e-3)  # the two directions differ on these logits
+    torch.testing.assert_close(kl_clean_adv(clean, adv), by_hand)
+
+
+def test_meta_loss_is_ce_on_clean_logits_plus_lambda_kl():
+    clean, adv = torch.randn(6, 3, generator=gen(2)), torch.randn(6, 3, generator=gen(3)) * 2
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, ce, kl = meta_loss(clean, adv, labels, 6.0)
+    torch.testing.assert_close(ce, F.cross_entropy(clean, labels))
+    assert not torch.isclose(ce, F.cross_entropy(adv, labels))  # CE on the adversarial logits would differ
+    torch.testing.assert_close(kl, kl_clean_adv(clean, adv))
+    torch.testing.assert_close(loss, ce + 6.0 * kl)
+    loss0, ce0, kl0 = meta_loss(clean, None, labels, 6.0)
+    assert torch.equal(loss0, ce0) and kl0.item() == 0.0
+
+
+def test_a_step_takes_the_ce_on_the_clean_queries(data):
+    # with lambda_adv = 0 the attack must not change the gradient: the CE term sees only the clean queries
+    episode = _episode(data[0])  # one draw of the training transforms for both steps
+    _, clean_grads, _ = _member_step(data, apq=False, lambda_adv=0.0, episode=episode)
+    _, adv_grads, res = _member_step(data, apq=True, lambda_adv=0.0, episode=episode)
+    assert res.kl > 0  # the attack ran
+    for a, b in zip(clean_grads, adv_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("apsv", [False, True])
+def test_training_never_perturbs_the_support_set(data, apsv):
+    episode = _episode(data[0])
+    n_s, n_q = len(episode.support_images), len(episode.query_images)
+    model = _model()
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    _member_step(data, apq=True, apsv=apsv, model=model, episode=episode)
+    with_support = [x for x in seen if len(x) in (n_s + n_q, n_s + 2 * n_q)]
+    assert len(with_support) == (2 if apsv else 1)  # the clean forward (+ the one at perturbed weights)
+    for x in with_support:
+        assert torch.equal(x[:n_s], episode.support_images) and torch.equal(x[n_s : n_s + n_q], episode.query_images)
+    attacked = [x for x in seen if len(x) == n_q]
+    assert attacked and not torch.equal(attacked[-1], episode.query_images)  # the queries were attacked
+    assert all(len(x) in (n_q, n_s + n_q, n_s + 2 * n_q) for x in seen)  # no forward of a (perturbed) support alone
 
 
 # ---------------------------------------------------------------------------- one step
@@ -107,22 +196,19 @@ def test_clean_meta_tuning_trains_one_member_and_apq_one_per_radius():
 @pytest.mark.parametrize("apq,apsv", [(True, True), (True, False), (False, False)])
 def test_a_step_moves_only_the_members_lora_factors(data, apq, apsv):
     model = _model()
-    params = [p for n, p in model.named_parameters() if ".adapters.member0." in n or "member0" in n]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    from amt.lora import adapter_parameters, mark_trainable, set_active_adapter
-
     trained = mark_trainable(model, ["member0"])
     set_active_adapter(model, "member0")
-    assert trained and all(p.requires_grad for p in trained) and len(params) >= len(trained)
+    own = [p for n, p in model.named_parameters() if ".member0" in n]
+    assert {id(p) for p in trained} == {id(p) for p in own}  # exactly the member's factors are trainable
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".member0" not in n)
     scale = torch.nn.Parameter(torch.tensor(10.0))
     opt = torch.optim.SGD(trained + [scale], lr=0.1, momentum=0.9)
-    before = _snapshot(model)
-    attack = member_attack(POOL, 1, torch.Generator().manual_seed(0)) if apq else None
-    _, res = training_step(model, _episode(data[0]), scale, adapter_parameters(model, "member0"), attack,
-                           PerturbConfig(enabled=apsv), 6.0, torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    attack = member_attack(POOL, 1, gen(0)) if apq else None
+    _, res = training_step(model, _episode(data[0]), scale, adapter_parameters(model, "member0") if apsv else None,
+                           attack, PerturbConfig(), 6.0, gen(0))
     opt.step()
-    changed = _changed(before, _snapshot(model))
+    changed = changed_keys(before, snapshot(model))
     assert changed, "nothing trained"
     assert all(".member0" in k or "member0." in k for k in changed), changed
     own = {k for k in before if "member0" in k}
@@ -135,17 +221,10 @@ def test_apsv_changes_the_update_but_restores_the_weights_it_perturbs(data):
     results = {}
     for apsv in (False, True):
         model = _model()
-        from amt.lora import adapter_parameters, mark_trainable, set_active_adapter
-
-        trained = mark_trainable(model, ["member0"])
-        set_active_adapter(model, "member0")
-        before = _snapshot(model)
-        scale = torch.nn.Parameter(torch.tensor(10.0))
-        training_step(model, _episode(data[0]), scale, adapter_parameters(model, "member0"),
-                      member_attack(POOL, 1, torch.Generator().manual_seed(0)),
-                      PerturbConfig(enabled=apsv, eta=1e-2), 6.0, torch.Generator().manual_seed(0))
-        assert _changed(before, _snapshot(model)) == set()  # the step itself leaves the weights as they were
-        results[apsv] = torch.cat([p.grad.flatten() for p in trained])
+        before = snapshot(model)
+        _, grads, _ = _member_step(data, apq=True, apsv=apsv, eta=1e-2, model=model)
+        assert changed_keys(before, snapshot(model)) == set()  # the step itself leaves the weights as they were
+        results[apsv] = torch.cat([g.flatten() for g in grads[:-1]])
     assert not torch.allclose(results[False], results[True])  # the gradient is taken at perturbed weights
 
 
@@ -156,13 +235,13 @@ def test_apsv_changes_the_update_but_restores_the_weights_it_perturbs(data):
 def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, variant):
     base = ExperimentConfig(train=TINY, pool=POOL)
     cfg = from_dict(ExperimentConfig, merge_dicts(to_dict(base), variant_overrides(variant)))
-    names = member_names(cfg.pool, cfg.train) if cfg.train.mode == "lora" else []
+    names = member_names(len(cfg.pool.eps), cfg.train.apq) if cfg.train.mode == "lora" else []
     model = _model(names, init=cfg.lora.init)
-    before = _snapshot(model)
+    before = snapshot(model)
     name = names[-1] if names else None
     summary, spec = _run(model, tmp_path, data, cfg=cfg.train, perturb=cfg.perturb, pool=cfg.pool,
                          name=name, index=len(names) - 1 if names else 0)
-    changed = _changed(before, _snapshot(model))
+    changed = changed_keys(before, snapshot(model))
     if cfg.train.mode == "full":
         assert not lora_layers(model)
         assert any("blocks.0.attn.qkv.weight" in k for k in changed) and any("patch_embed" in k for k in changed)
@@ -174,14 +253,12 @@ def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, varian
 
 
 def test_standard_init_starts_at_the_backbone_and_svd_init_splits_it(data):
-    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, SIZE, SIZE, generator=gen(0))
     plain = _model(names=())
     with torch.no_grad():
         ref = plain(x)
         for init in ("standard", "svd"):
             model = _model(["member0"], init=init)
-            from amt.lora import set_active_adapter
-
             set_active_adapter(model, "member0")
             torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
             b = adapter_state_dict(model, "member0")
@@ -238,13 +315,14 @@ def test_member_weights_round_trip_and_the_pool_checks_its_backbone(data, tmp_pa
     model = _model()
     summary, spec = _run(model, tmp_path, data)
     other = _model()
-    scale = load_member_weights(other, "member0", spec.out_dir / "weights.safetensors")
-    assert scale.item() == pytest.approx(load_file(str(spec.out_dir / "weights.safetensors"))["head.scale"].item())
+    scale = load_weights(other, "member0", spec.out_dir / "weights.safetensors")
+    saved_scale = load_file(str(spec.out_dir / "weights.safetensors"))["head.scale"].item()
+    assert scale == saved_scale != 10.0  # the trained logit scale comes back
     saved = load_file(str(spec.out_dir / "weights.safetensors"))
     loaded = adapter_state_dict(other, "member0")
     assert loaded and all(torch.equal(saved["lora." + k], v) for k, v in loaded.items())
     with pytest.raises(KeyError, match="member0"):
-        load_member_weights(_model(["other"]), "member0", spec.out_dir / "weights.safetensors")
+        load_weights(_model(["other"]), "member0", spec.out_dir / "weights.safetensors")
     check_fingerprint({"backbone_fingerprint": "abc"}, "abc", tmp_path)
     with pytest.raises(ConfigError, match="trained from backbone abc"):
         check_fingerprint({"backbone_fingerprint": "abc"}, "def", tmp_path)

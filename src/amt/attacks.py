@@ -352,7 +352,7 @@ def kl_objective(logits_fn: LogitsFn, clean_logits: torch.Tensor) -> LossFn:
     """Closure x_adv ↦ KL(softmax(clean_logits) ‖ softmax(logits_fn(x_adv))), batch mean (TRADES).
 
     ``clean_logits`` ``[B, N]`` are computed once by the caller (e.g. under ``torch.no_grad()``) and
-    detached here, so each attack step costs one forward, not two (digest §1.5). Label-free. Computed in
+    detached here, so each attack step costs one forward, not two. Label-free. Computed in
     float32. Its gradient is zero at x_adv = x: use it with a random start.
     """
     target = F.log_softmax(clean_logits.detach().float(), dim=-1)
@@ -424,8 +424,8 @@ def run_attack(
     model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Run the attack described by ``cfg`` (``pyramid_pgd`` if ``cfg.pyramid`` else ``pgd``) on ``images``."""
-    kwargs: dict = dict(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm,
-                        random_start=cfg.random_start, generator=generator, model=model)
+    kwargs: dict = {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.steps, "norm": cfg.norm,
+                    "random_start": cfg.random_start, "generator": generator, "model": model}
     if cfg.pyramid:
         kwargs.update(grids=cfg.pyramid_grids, multipliers=cfg.pyramid_multipliers, total_eps=cfg.pyramid_total_eps)
     return ATTACKS["pyramid" if cfg.pyramid else "pgd"](loss_fn, images, **kwargs)

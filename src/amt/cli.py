@@ -6,18 +6,76 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
-from amt.config import VARIANTS, ConfigError, load_config, merge_dicts, parse_override, variant_overrides
+from amt.config import (
+    VARIANTS,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    merge_dicts,
+    parse_override,
+    variant_overrides,
+)
+
+# `amt data check --format`: the keys of amt.data.readers.READERS (not imported here: keeps --help fast)
+DATA_FORMATS = ("folder", "csv", "metadataset", "isic", "chestx", "filelist")
 
 
-def _config(args: argparse.Namespace):
-    overrides: dict = variant_overrides(args.variant) if getattr(args, "variant", None) else {}
-    for text in args.set or []:
-        overrides = merge_dicts(overrides, parse_override(text))
-    return load_config(args.config, overrides)
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb; each sub-parser names its handler in ``run``."""
+    parser = argparse.ArgumentParser(prog="amt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded glyph benchmark and print the table")
+    _add_config(p, out_default="runs/demo")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="few-shot accuracy of PM and trained pools (`methods:`): clean, "
+                                        "adversarial, corrupted")
+    _add_config(p, out_default="runs/evaluate")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="output weights file (.safetensors; a .json is written beside)")
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("train", help="meta-tune the LoRA pool (AMT) or a baseline on the training domain")
+    _add_config(p, out_default="runs/pool")
+    p.add_argument("--variant", default="amt", choices=sorted(VARIANTS),
+                   help="method or ablation to train (default: %(default)s); --set applies on top")
+    p.add_argument("--member", type=int, action="append", metavar="I",
+                   help="train only pool member I, 0-based (repeatable; default: all, one after the other)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="checkpoint and stop once N episodes are done (continue later with --resume)")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
+    p.add_argument("run_dir", metavar="run", help="run directory holding results.json (or the results file itself)")
+    p.add_argument("--out", help="report directory (default: RUN/report)")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("data", help="check a dataset copy: `amt data check PATH --format FORMAT`")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("path", help="the domain's `path` for its format (docs/data.md): folder, CSV or JSON file")
+    p.add_argument("--format", default="folder", choices=DATA_FORMATS)
+    p.add_argument("--splits", help="class-split JSON file")
+    p.add_argument("--split", help="split to check (train / val / test)")
+    p.add_argument("--n-way", type=int, default=5)
+    p.add_argument("--n-shot", type=int, default=5)
+    p.add_argument("--n-query", type=int, default=15)
+    p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
+    _add_config(p)
+    p.set_defaults(run=cmd_glyphs)
+    return parser
 
 
-def _add_common(p: argparse.ArgumentParser, out_default: str | None) -> None:
+def _add_config(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--config", default="configs/embedded.yaml", help="YAML preset (default: %(default)s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set eval.n_tasks=50 (repeatable)")
@@ -25,105 +83,104 @@ def _add_common(p: argparse.ArgumentParser, out_default: str | None) -> None:
         p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
 
 
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    """The preset of ``--config`` with the variant's overrides, then every ``--set``, applied."""
+    overrides: dict = variant_overrides(args.variant) if getattr(args, "variant", None) else {}
+    for text in args.set or []:
+        overrides = merge_dicts(overrides, parse_override(text))
+    return load_config(args.config, overrides)
+
+
+def _first_rank() -> bool:
+    """True outside torchrun and on its rank 0 (the process that prints and writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from amt.pipeline import run_demo
+
+    print(run_demo(_config(args), args.out))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from amt.pipeline import run_evaluate
+    from amt.report import render_report
+
+    run_evaluate(_config(args), args.out)
+    if _first_rank():
+        print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from amt.pipeline import run_pretrain
+
+    run_pretrain(_config(args), args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amt.pipeline import run_train
+    from amt.report import training_table
+
+    manifest = run_train(_config(args), args.out, members=args.member, resume=args.resume,
+                         stop_after=args.stop_after)
+    if manifest:  # only the first rank of a torchrun job has it
+        print(training_table(manifest))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from amt.report import render_report
+
+    path = Path(args.run_dir)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a run directory written by `amt evaluate`/`amt demo`")
+    out = Path(args.out) if args.out else path.parent / "report"
+    print(render_report(path, out))
+    print(f"\nReport: {out / 'report.md'}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from amt.config import DataConfig, DomainConfig
+    from amt.data.domains import check_domain
+
+    domain = DomainConfig(Path(args.path).stem, args.path, args.format, args.splits, args.split)
+    report = check_domain(domain, DataConfig(), args.n_way, args.n_shot, args.n_query)
+    counts = sorted(report["per_class"].values())
+    print(f"{report['domain']}: {report['classes']} classes, {report['images']} readable images; "
+          f"per class min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+    for line in report["problems"]:
+        print(f"problem: {line}")
+    print("OK" if not report["problems"] else f"{len(report['problems'])} problem(s)")
+    return 0 if not report["problems"] else 1
+
+
+def cmd_glyphs(args: argparse.Namespace) -> int:
+    from amt.data.glyphs import build_glyph_benchmark
+
+    cfg = _config(args)
+    print(build_glyph_benchmark(cfg.glyphs, cfg.cache_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="amt", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("demo", help="run the main job on the embedded glyph benchmark and print the table")
-    _add_common(p, "runs/demo")
-    p = sub.add_parser("evaluate", help="few-shot accuracy of PM and trained pools (`methods:`): clean, adversarial, corrupted")
-    _add_common(p, "runs/evaluate")
-    p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
-    _add_common(p, None)
-    p.add_argument("--out", required=True, help="output weights file (.safetensors; a .json is written beside)")
-    p = sub.add_parser("train", help="meta-tune the LoRA pool (AMT) or a baseline on the training domain")
-    _add_common(p, "runs/pool")
-    p.add_argument("--variant", default="amt", choices=sorted(VARIANTS),
-                   help="method or ablation to train (default: %(default)s); --set applies on top")
-    p.add_argument("--member", type=int, action="append", metavar="I",
-                   help="train only pool member I (repeatable; default: all, one after the other)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
-    p.add_argument("--stop-after", type=int, metavar="N",
-                   help="checkpoint and stop once N episodes are done (continue later with --resume)")
-    p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
-    p.add_argument("run", help="run directory holding results.json (or the results file itself)")
-    p.add_argument("--out", help="report directory (default: RUN/report)")
-    p = sub.add_parser("data", help="check a dataset copy: `amt data check PATH --format FORMAT`")
-    p.add_argument("action", choices=["check"])
-    p.add_argument("path", help="the domain's `path` for its format (docs/data.md): folder, CSV or JSON file")
-    p.add_argument("--format", default="folder",  # amt.data.datasets.FORMATS (not imported: keeps --help fast)
-                   choices=["folder", "csv", "metadataset", "isic", "chestx", "filelist"])
-    p.add_argument("--splits", help="class-split JSON file")
-    p.add_argument("--split", help="split to check (train / val / test)")
-    p.add_argument("--n-way", type=int, default=5)
-    p.add_argument("--n-shot", type=int, default=5)
-    p.add_argument("--n-query", type=int, default=15)
-    p = sub.add_parser("glyphs", help="generate the embedded glyph benchmark and print its folder")
-    _add_common(p, None)
-    args = parser.parse_args(argv)
-    first_rank = int(os.environ.get("RANK", "0")) == 0  # other torchrun ranks log warnings and errors only
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if first_rank else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from amt import pipeline
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO if _first_rank() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from amt.train import TrainingError
 
     try:
-        if args.verb == "report":
-            from pathlib import Path
-
-            from amt.report import render_report
-
-            path = Path(args.run)
-            path = path / "results.json" if path.is_dir() else path
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: pass a run directory written by `amt evaluate`/`amt demo`")
-            out = Path(args.out) if args.out else path.parent / "report"
-            print(render_report(path, out))
-            print(f"\nReport: {out / 'report.md'}")
-            return 0
-        if args.verb == "data":
-            from pathlib import Path
-
-            from amt.config import DataConfig, DomainConfig
-            from amt.data.datasets import check_domain
-
-            domain = DomainConfig(Path(args.path).stem, args.path, args.format, args.splits, args.split)
-            report = check_domain(domain, DataConfig(), args.n_way, args.n_shot, args.n_query)
-            counts = sorted(report["per_class"].values())
-            print(f"{report['domain']}: {report['classes']} classes, {report['images']} readable images; "
-                  f"per class min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
-            for line in report["problems"]:
-                print(f"problem: {line}")
-            print("OK" if not report["problems"] else f"{len(report['problems'])} problem(s)")
-            return 0 if not report["problems"] else 1
-        cfg = _config(args)
-        if args.verb == "demo":
-            print(pipeline.run_demo(cfg, args.out))
-        elif args.verb == "evaluate":
-            from pathlib import Path
-
-            from amt.report import render_report
-
-            pipeline.run_evaluate(cfg, args.out)
-            if first_rank:  # rank 0 of a torchrun job writes and prints the results
-                print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
-        elif args.verb == "pretrain":
-            pipeline.run_pretrain(cfg, args.out)
-        elif args.verb == "train":
-            manifest = pipeline.run_train(cfg, args.out, members=args.member, resume=args.resume,
-                                          stop_after=args.stop_after)
-            from amt.report import training_table
-
-            if manifest:  # only the first rank of a torchrun job prints
-                print(training_table(manifest))
-        elif args.verb == "glyphs":
-            from amt.data.glyphs import build_glyph_benchmark
-
-            print(build_glyph_benchmark(cfg.glyphs, cfg.cache_dir))
+        return args.run(args)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:  # DataError is a ValueError
         logging.getLogger("amt").error("%s", exc)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

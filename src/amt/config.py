@@ -2,7 +2,7 @@
 
 Every field carries a comment with its meaning and unit. Presets are YAML files (``configs/``)
 whose keys mirror these dataclasses; unknown keys are an error naming the key and the valid ones.
-The resolved configuration is written next to every result (:func:`save_config`).
+The resolved configuration is written next to every result (:func:`amt.rundir.save_config`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -38,11 +38,12 @@ class GlyphConfig:
 
 @dataclass(frozen=True)
 class DomainConfig:
-    """One image domain on disk, read by the reader of its ``format`` (``amt.data.datasets``)."""
+    """One image domain on disk, read by the reader of its ``format`` (``amt.data.readers``)."""
 
     name: str  # short name used in tables
     path: str  # folder: class-folder root | csv: `path,label` file | isic, chestx: dataset folder | filelist: FWT JSON
-    format: str = "folder"  # "folder" | "csv" | "isic" | "chestx" | "filelist" | "metadataset" (path = <root>/<dataset>)
+    # metadataset: path = <root>/<dataset> (converted TFRecords + dataset_spec.json)
+    format: Literal["folder", "csv", "isic", "chestx", "filelist", "metadataset"] = "folder"
     splits: str | None = None  # JSON file {"train": [...], "val": [...], "test": [...]} of class names
     split: str | None = None  # which split's classes to use (None: every class)
     in_domain: bool = False  # counted in the in-domain average rather than out-of-domain
@@ -50,31 +51,39 @@ class DomainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Image loading and transforms; pixels are float tensors in [0, 1]."""
+    """Image loading and transforms; pixels are float tensors in [0, 1] at ``backbone.image_size``."""
 
-    image_size: int = 128  # network input side, pixels
     resize_ratio: float = 256 / 224  # test: resize shorter side to image_size*ratio, then centre-crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # train: RandomResizedCrop area range
-    color_jitter: float = 0.4  # train: brightness/contrast/saturation jitter strength (PMF: 0.4)
-    hflip: bool = True  # train: random horizontal flip (off for glyphs: flips change characters)
     skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
     cache_decoded: bool = False  # keep decoded images in memory (worth it for small images only)
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # image files recognised in folders
 
 
 @dataclass(frozen=True)
-class EpisodeConfig:
-    """Episode shape: fixed N-way K-shot M-query, or Meta-Dataset's variable-way variable-shot."""
+class AugmentConfig:
+    """Image augmentation: the meta-tuning transforms and the test-time pseudo-queries (merge scores, fine-tuning).
 
-    n_way: int = 5  # classes per episode (fixed mode)
-    n_shot: int = 1  # support images per class (fixed mode)
-    n_query: int = 15  # query images per class (fixed mode; reduced where a class is too small)
-    variable: bool = False  # Meta-Dataset variable-way variable-shot sampling
-    min_ways: int = 5  # variable mode: fewest classes
-    max_ways: int = 50  # variable mode: most classes
-    max_support: int = 500  # variable mode: most support images per episode
-    max_support_per_class: int = 100  # variable mode: most support images per class
-    max_query_per_class: int = 10  # variable mode: most query images per class
+    Pseudo-queries are ``pseudo_per_image`` augmented copies of each support image (docs/method.md, "Test-time
+    merging"); each copy is augmented with probability ``pseudo_prob``.
+    """
+
+    hflip: bool = True  # random horizontal flip, p = 0.5 (off for glyphs: a mirrored glyph is another character)
+    color_jitter: float = 0.4  # brightness/contrast/saturation factors uniform in [1 - j, 1 + j] (PMF: 0.4)
+    pseudo_per_image: int = 4  # pseudo-queries: augmented copies of each support image
+    pseudo_prob: float = 0.9  # pseudo-queries: probability that a copy is augmented at all
+    translate: float = 0.125  # pseudo-queries: max translation, fraction of the image side (edge replication)
+
+
+@dataclass(frozen=True)
+class VariableEpisodeConfig:
+    """Meta-Dataset's variable-way variable-shot episodes (``amt.data.episodes.VariableSampler``)."""
+
+    min_ways: int = 5  # fewest classes
+    max_ways: int = 50  # most classes
+    max_support: int = 500  # most support images per episode
+    max_support_per_class: int = 100  # most support images per class
+    max_query_per_class: int = 10  # most query images per class
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,9 @@ class BackboneConfig:
 
     arch: str = "vit_small_patch16_224"  # timm model name, or a project architecture ("amt_glyph_vit")
     checkpoint: str | None = None  # local weights file (.pth/.pt/.safetensors); None = random init
-    checkpoint_key: str = "auto"  # sub-dict to load: "auto", "teacher", "student", "model", "state_dict", "none"
-    image_size: int = 128  # input side, pixels; position embeddings are resized to it
+    # sub-dict of the checkpoint to load ("auto": the first of teacher, model, state_dict, student, ...)
+    checkpoint_key: Literal["auto", "teacher", "student", "model", "state_dict", "none"] = "auto"
+    image_size: int = 128  # network input side, pixels (images are resized to it); position embeddings follow
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation applied inside the model
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -96,7 +106,7 @@ class LoRAConfig:
     rank: int = 8  # r
     scaling: float = 1.0  # multiplier of B·A
     targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes that get adapters
-    init: str = "svd"  # "svd" (PiSSA-style, METHOD.md) | "standard" (random A, zero B)
+    init: Literal["svd", "standard"] = "svd"  # "svd" (PiSSA-style, docs/method.md) | "standard" (random A, zero B)
 
 
 @dataclass(frozen=True)
@@ -104,16 +114,16 @@ class AttackConfig:
     """One pixel-space attack on the query images (``amt.attacks``); defaults = the paper's evaluation.
 
     Paper evaluation: PGD-10, ℓ∞, ε = 4.5/255, step ε/10, CE objective. Meta-tuning members use
-    their own ε_i, step ε_i/2, 2 steps and the KL objective (METHOD.md, Algorithm 1).
+    their own ε_i, step ε_i/2, 2 steps and the KL objective (docs/method.md, "Meta-tuning").
     ``step_size`` is absolute: change it together with ``eps``.
     """
 
-    norm: str = "linf"  # "linf" | "l2" threat model (pyramid: "linf" only)
+    norm: Literal["linf", "l2"] = "linf"  # threat model (pyramid: "linf" only)
     eps: float = 4.5 / 255  # radius of the ε-ball, pixel units (images in [0, 1]); pyramid: per-level radius
     step_size: float = 0.45 / 255  # step per iteration, pixel units (ℓ∞: ·sign(g); ℓ2: ·g/‖g‖₂ per image)
     steps: int = 10  # PGD iterations (0 = the random start only, or the clean input without it)
     random_start: bool = True  # ℓ∞: δ ~ U[-eps, eps]; ℓ2: δ uniform in the ε-ball
-    objective: str = "ce"  # "ce" (labels; evaluation) | "kl" (KL(p_clean ‖ p_adv), label-free; training)
+    objective: Literal["ce", "kl"] = "ce"  # "ce" (labels; evaluation) | "kl" (KL(p_clean ‖ p_adv); training)
     pyramid: bool = False  # the authors' multi-scale perturbation instead of per-pixel PGD
     pyramid_grids: tuple[int, ...] = (4, 8, 0)  # pyramid: cells per image side for each level; 0 = per pixel
     pyramid_multipliers: tuple[float, ...] = (20.0, 10.0, 1.0)  # pyramid: multiplier m_s of each level
@@ -123,18 +133,23 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Cosine ProtoNet head: logits = scale * (cos + bias)."""
+    """Cosine ProtoNet head: logits = scale · cos(feature, prototype).
 
-    scale: float = 10.0  # initial logit scale s
-    bias: float = 0.0  # cosine offset b
+    The paper's offset b in s·(cos + b) adds the same s·b to every class's logit, which changes no softmax,
+    cross-entropy or argmax; it is therefore not a parameter here.
+    """
+
+    scale: float = 10.0  # logit scale s: initial value in meta-tuning, and PM's; a trained member carries its own
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Few-shot evaluation protocol: clean, adversarial and corrupted queries (METHOD.md, "Evaluation").
+    """Few-shot evaluation protocol: clean, adversarial and corrupted queries (docs/method.md, "Evaluation").
 
     Clean accuracy uses ``n_tasks`` tasks; the adversarial and corruption conditions use the first
     ``adv_tasks`` / ``corruption_tasks`` of those same tasks (attacks and corruptions cost far more).
+    Methods with hyper-parameters (merge grid, fine-tuning lr) are tuned per domain and shot on ``val_tasks``
+    validation tasks.
     """
 
     n_tasks: int = 600  # tasks per domain and shot setting
@@ -142,37 +157,35 @@ class EvalConfig:
     shots: tuple[int, ...] = (1, 5)  # K values evaluated
     n_query: int = 15  # queries per class (fewer where a class is small; reported)
     seed: int = 0  # seeds the task generator; every method sees the same tasks
-    batch_size: int = 256  # images per backbone forward when extracting features
     adversarial: bool = True  # evaluate the headline attack (`attack`) on the queries
     adv_tasks: int = 600  # tasks (of the n_tasks) attacked with the headline attack
-    eps_sweep: tuple[float, ...] = (1 / 255, 2 / 255, 8 / 255)  # extra ℓ∞ radii, pixel units (step eps/10)
-    l2_eps: tuple[float, ...] = (0.5,)  # ℓ2 radii, pixel units over C·H·W (step eps/4)
+    eps_sweep: tuple[float, ...] = (1 / 255, 2 / 255, 8 / 255)  # extra ℓ∞ radii, pixel units
+    sweep_step_ratio: float = 0.1  # ℓ∞ sweep: step = ratio · eps (the paper's eps/10)
+    l2_eps: tuple[float, ...] = (0.5,)  # ℓ2 radii, pixel units over C·H·W
+    l2_step_ratio: float = 1 / 8.5  # ℓ2: step = ratio · eps (the paper's eps/8.5)
     sweep_tasks: int = 100  # tasks (of the n_tasks) for the ε sweep and the ℓ2 attack
     corruptions: tuple[str, ...] = ("all",)  # ImageNet-C names, ("all",) = the 15, () = none
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # corruption severities
     corruption_tasks: int = 100  # tasks (of the n_tasks) evaluated under every corruption
-    val_tasks: int = 50  # validation tasks per domain for choosing merge hyper-parameters
+    val_tasks: int = 50  # validation tasks per domain and shot for tuning (>= 1 when a method has a grid)
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """Test-time merging of the pool (METHOD.md, Algorithm 2) and singular-value trimming.
+    """Test-time merging of the pool (rule "ttm", docs/method.md) and singular-value trimming.
 
-    ``lambda_``, ``beta``, ``rho`` and ``trim_layers`` are chosen per domain from the ``*_grid`` values on
-    validation tasks (``EvalConfig.val_tasks``) unless the grid has a single point.
+    λ, β, ρ and the trimmed layer group are chosen per domain and shot from the ``*_grid`` values on
+    validation tasks (``EvalConfig.val_tasks``); untuned (a single grid point, or the Python API without a
+    tuning run) the first value of each grid is used, with no trimming unless ``rho_grid`` holds only ρ < 1.
+    The pseudo-queries of the member scores are set in ``AugmentConfig``.
     """
 
     top_k: int = 2  # members merged per task
     lambda_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # λ: weight of compactness vs divergence
     beta_grid: tuple[float, ...] = (1.0, 4.0, 8.0, 12.0)  # β: sharpness of u = exp(-β(1 - score))
     rho_grid: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)  # ρ: fraction of singular values kept (1 = no trim)
-    trim_layers_grid: tuple[str, ...] = ("attn", "mlp", "all")  # layer groups trimmed when ρ < 1
-    trim_method: str = "gram"  # "gram" (float64 Gram eigh, fastest) | "svd" (exact SVD): amt.merge.trim_weight
-    pseudo_per_image: int = 4  # augmented copies of each support image used as pseudo-queries
-    aug_prob: float = 0.9  # probability that a pseudo-query is augmented at all
-    translate: float = 0.125  # max translation, fraction of the image side
-    hflip: bool = True  # random horizontal flip in the augmentation (off for glyphs)
-    color_jitter: float = 0.4  # brightness/contrast/saturation jitter strength
+    trim_group_grid: tuple[Literal["attn", "mlp", "all"], ...] = ("attn", "mlp", "all")  # groups trimmed when ρ < 1
+    trim_method: Literal["gram", "svd"] = "gram"  # "gram" (float64 Gram eigh, fastest) | "svd" (exact SVD)
 
 
 @dataclass(frozen=True)
@@ -181,9 +194,10 @@ class MethodConfig:
 
     name: str = "PM"  # row label in tables
     pool: str | None = None  # directory written by `amt train` (pool.json); None = the bare backbone (PM)
-    rule: str = "amt"  # with a pool: "amt" (merge + trim, Algorithm 2) | "uniform" (weight average) |
-    #                    "logit_avg" | "min_support_ce" (no TTM: one member per task) | "single"
-    member: int = 0  # the member used by rule "single"
+    # with a pool: "ttm" (test-time merging + trimming, Algorithm 2) | "uniform" (weight average) |
+    # "logit_avg" (average of the members' logits) | "min_support_ce" (no TTM: one member per task) | "single"
+    rule: Literal["ttm", "uniform", "logit_avg", "min_support_ce", "single"] = "ttm"
+    member_index: int = 0  # the member (0-based position in the pool) used by rule "single"
     finetune: bool = False  # PMF-style test-time fine-tuning on the support set (AMT-FT, PMF+FT)
 
 
@@ -211,16 +225,19 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class PerturbConfig:
-    """APSV: adversarial perturbation of the trained member's LoRA factors A, B (METHOD.md step 3)."""
+    """APSV: adversarial perturbation of the trained member's LoRA factors A, B (docs/method.md, step 3).
 
-    enabled: bool = True  # APSV on/off (ablation switch)
+    Switched on and off by ``TrainConfig.apsv``.
+    """
+
     eta: float = 1e-4  # η1: relative mode, fraction of ‖T‖_F each factor moves by; absolute, step on ∂L/∂T
-    mode: str = "relative"  # "relative": T += η1·‖T‖·g/‖g‖ per tensor (AWP, authors' code) | "absolute": T += η1·g
+    # "relative": T += η1·‖T‖·g/‖g‖ per tensor (AWP, the authors' code) | "absolute": T += η1·g (the paper's text)
+    mode: Literal["relative", "absolute"] = "relative"
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """The robust LoRA pool: one member per attack configuration (METHOD.md, Algorithm 1).
+    """The robust LoRA pool: one member per attack configuration (docs/method.md, Algorithm 1).
 
     Member i attacks with ``eps[i]`` and step ``step_ratio * eps``; the other attack settings come
     from ``attack``. Strategies: "separate" (member i uses eps[i]; the paper), "uniform" (every member
@@ -228,8 +245,8 @@ class PoolConfig:
     """
 
     eps: tuple[float, ...] = (0.01 / 255, 0.1 / 255, 6 / 255, 8 / 255)  # ℓ∞ radii, pixel units; P = len(eps)
-    step_ratio: float = 0.5  # attack step = step_ratio * eps (METHOD.md decision: eps/2)
-    strategy: str = "separate"  # "separate" | "uniform" | "random"
+    step_ratio: float = 0.5  # attack step = step_ratio * eps (docs/method.md decision: eps/2)
+    strategy: Literal["separate", "uniform", "random"] = "separate"  # see the class docstring
     attack: AttackConfig = field(
         default_factory=lambda: AttackConfig(steps=2, objective="kl")
     )  # template: norm, steps, objective, random start, pyramid; eps/step_size set per member
@@ -239,8 +256,9 @@ class PoolConfig:
 class TrainConfig:
     """Meta-tuning of one pool member (or of the clean baselines): schedule, loss and switches."""
 
-    mode: str = "lora"  # "lora": train one LoRA member (AMT, clean LoRA) | "full": the whole backbone (PMF)
-    apq: bool = True  # adversarial query perturbation on/off (off: clean meta-tuning)
+    mode: Literal["lora", "full"] = "lora"  # "lora": one LoRA member (AMT, clean LoRA) | "full": the backbone (PMF)
+    apq: bool = True  # APQ: adversarial query perturbation on/off (off: clean meta-tuning, one member)
+    apsv: bool = True  # APSV: adversarial perturbation of the LoRA factors on/off (`perturb`; LoRA mode only)
     epochs: int = 30  # epochs of `episodes_per_epoch` episodes
     episodes_per_epoch: int = 2000  # optimiser steps per epoch (the paper: one episode per step)
     episodes_per_step: int = 1  # episodes whose gradients are averaged per step; split across DDP ranks
@@ -257,7 +275,7 @@ class TrainConfig:
     n_query: int = 15
     val_every: int = 500  # episodes between validations on the validation classes
     val_tasks: int = 100  # fixed, seeded validation tasks per validation
-    keep: str = "best"  # weights written as the member: "best" validation accuracy (paper) | "last" episode
+    keep: Literal["best", "last"] = "best"  # weights written: "best" validation accuracy (paper) | "last" episode
     checkpoint_every: int = 100  # episodes between (atomic) resumable checkpoints
     seed: int = 0  # episodes, attack noise and initialisation; member i uses seed + i
 
@@ -266,39 +284,41 @@ class TrainConfig:
 class ExperimentConfig:
     """A whole run: which data, which backbone, which protocol."""
 
-    benchmark: str = "glyphs"  # "glyphs" (embedded, generated locally) or "custom" (use `domains`)
+    benchmark: Literal["glyphs", "custom"] = "glyphs"  # "glyphs" (embedded, generated locally) | "custom" (`domains`)
     cache_dir: str = ".cache/amt"  # where the generated benchmark is written
     glyphs: GlyphConfig = field(default_factory=GlyphConfig)
     domains: tuple[DomainConfig, ...] = ()  # evaluation domains (filled in for the glyph benchmark)
     train_domain: DomainConfig | None = None  # source domain for (meta-)training
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     device: str = "auto"  # "auto" (CUDA when available, else CPU) | "cpu" | "cuda" | "cuda:N"
-    precision: str = "fp32"  # backbone autocast: "fp32" | "bf16" (CPU or CUDA) | "fp16" (CUDA, evaluation only)
+    # backbone autocast: "fp32" | "bf16" (CPU or CUDA) | "fp16" (CUDA, evaluation only)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack (the headline PGD)
     merge: MergeConfig = field(default_factory=MergeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     methods: tuple[MethodConfig, ...] = (MethodConfig(),)  # rows evaluated by `amt evaluate`
-    perturb: PerturbConfig = field(default_factory=PerturbConfig)  # APSV during meta-tuning
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)  # APSV during meta-tuning (train.apsv)
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # Named meta-tuning variants: baselines and ablations as overrides of the same configuration
 # (`amt train --variant NAME`); "amt" is the method itself. Each maps to the switches of TrainConfig,
-# PerturbConfig, PoolConfig and LoRAConfig; nothing else changes between variants.
+# PoolConfig and LoRAConfig; nothing else changes between variants.
 VARIANTS: dict[str, dict] = {
     "amt": {},  # APQ + APSV, pool of len(pool.eps) members, one ε each, SVD init
-    "apq_only": {"perturb": {"enabled": False}},  # adversarial queries, no weight perturbation
+    "apq_only": {"train": {"apsv": False}},  # adversarial queries, no weight perturbation
     "uniform_pool": {"pool": {"strategy": "uniform"}},  # every member attacks with the mean ε
     "random_pool": {"pool": {"strategy": "random"}},  # ε drawn from the list every episode
-    "clean_lora": {"train": {"apq": False}, "perturb": {"enabled": False}},  # one clean LoRA, SVD init
-    "clean_lora_standard": {"train": {"apq": False}, "perturb": {"enabled": False}, "lora": {"init": "standard"}},
-    "pmf": {"train": {"mode": "full", "apq": False}, "perturb": {"enabled": False}},  # full backbone, clean
+    "clean_lora": {"train": {"apq": False, "apsv": False}},  # one clean LoRA, SVD init
+    "clean_lora_standard": {"train": {"apq": False, "apsv": False}, "lora": {"init": "standard"}},
+    "pmf": {"train": {"mode": "full", "apq": False, "apsv": False}},  # full backbone, clean
 }
 
 
@@ -306,24 +326,46 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it and the fix."""
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses and tuples."""
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses and tuples.
+
+    A partial mapping for a nested dataclass field applies on top of that field's default (so
+    ``pool.attack.steps=5`` keeps the other fields of ``PoolConfig.attack``'s default, not ``AttackConfig()``'s).
+    """
     if dataclasses.is_dataclass(cls):
         if isinstance(data, cls):
             return data
         if not isinstance(data, dict):
             raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
         hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(
-                f"{where or 'config'}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {names}"
+                f"{where or 'config'}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {list(fields)}"
             )
-        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+        kwargs = {}
+        for k, v in data.items():
+            default = _field_default(fields[k])
+            if isinstance(v, dict) and dataclasses.is_dataclass(default):
+                v = merge_dicts(to_dict(default), v)
+            kwargs[k] = _build(hints[k], v, f"{where}.{k}" if where else k)
         return cls(**kwargs)
     origin = typing.get_origin(cls)
     args = typing.get_args(cls)
+    if origin is Literal:
+        if type(data) not in {type(a) for a in args} or data not in args:
+            hint = RENAMED.get(data, "") if isinstance(data, str) else ""
+            raise ConfigError(f"{where}: {data!r} is not one of {list(args)}{hint}")
+        return data
     if origin is typing.Union or (origin is not None and type(None) in args):
         if data is None:
             return None
@@ -337,13 +379,19 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if len(args) != len(data):
             raise ConfigError(f"{where}: expected {len(args)} values, got {list(data)!r}")
         return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
-    if cls is float and isinstance(data, (int, float)) and not isinstance(data, bool):
-        return float(data)
+    if cls is float:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+        raise ConfigError(f"{where}: expected a number, got {data!r} (write decimals, e.g. 0.0157 for 4/255)")
     if cls in (int, str, bool) and not isinstance(data, cls):
         raise ConfigError(f"{where}: expected {cls.__name__}, got {data!r}")
     if cls is int and isinstance(data, bool):
         raise ConfigError(f"{where}: expected int, got {data!r}")
     return data
+
+
+# Hints for values that were renamed (appended to the error for an unknown choice).
+RENAMED = {"amt": " (the merge rule 'amt' is now called 'ttm': test-time merging)"}
 
 
 def from_dict(cls: type, data: dict) -> Any:
@@ -406,6 +454,6 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def to_yaml(cfg: Any) -> str:
+    """The configuration as YAML text (written next to results by :func:`amt.rundir.save_config`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -48,6 +48,12 @@ def is_main() -> bool:
     return world()[1] == 0
 
 
+def shard(n_tasks: int) -> range:
+    """The task indices this process evaluates: ``t ≡ rank (mod world)`` (every task in a single process)."""
+    size, rank = world()
+    return range(rank, n_tasks, size)
+
+
 def gather_by_index(local: dict[int, T]) -> dict[int, T]:
     """Union over ranks of per-index results (``{task index: result}``, disjoint across ranks), on every rank.
 

@@ -1,12 +1,10 @@
 """Few-shot evaluation: clean, adversarial and corrupted query accuracy per domain and shot, mean and 95% CI.
 
-A *method* has ``adapt(support_images, support_labels, n_way, generator)``, a context manager yielding
-``(logits_fn, record)``: ``logits_fn`` maps query images ``[Q, 3, H, W]`` in [0, 1] to logits ``[Q, N]``
-under the final per-task model (after merging, trimming, fine-tuning), and ``record`` says what was done
-(e.g. merge coefficients). Attacks target that per-task model, on the queries only, with a clean
-support set. Every method sees exactly the same tasks, random starts and corrupted images: the task
-stream depends only on the seed, the domain and the shot count, and per-task randomness on the task
-index — so methods can be compared task by task.
+The evaluated methods (:class:`amt.methods.Method`) adapt to each task's support set; attacks target the
+final per-task model, on the queries only, with a clean support set. Methods with hyper-parameters are first
+tuned per domain and shot on validation tasks that never coincide with the test tasks. Every method sees
+exactly the same tasks, random starts and corrupted images: the task stream depends only on the seed, the
+domain and the shot count, and per-task randomness on the task index — so methods can be compared task by task.
 
 Conditions per task t (all on the same tasks, the first ones of the stream): clean (t < n_tasks), the
 headline attack (t < adv_tasks), the ε sweep and ℓ2 attacks (t < sweep_tasks), every corruption ×
@@ -16,33 +14,26 @@ severity (t < corruption_tasks). Corrupted images are computed once per task and
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from amt.attacks import adversarial_queries
-from amt.config import AttackConfig, DomainConfig, EvalConfig
-from amt.data.datasets import ImageDataset
+from amt.config import AttackConfig, ConfigError, DomainConfig, EvalConfig
+from amt.data.base import ImageDataset
 from amt.data.episodes import Episode, FixedSampler, load_episode
-from amt.distributed import gather_by_index, is_main, world
-from amt.merge import LogitsFn, merge_grid
+from amt.distributed import gather_by_index, is_main, shard
+from amt.methods import LogitsFn, Method, accuracy
+from amt.rundir import RESULTS_FILE, write_json, write_text
 
 log = logging.getLogger(__name__)
-
-
-class Method(Protocol):
-    tunable: bool
-
-    def adapt(self, support_images: torch.Tensor, support_labels: torch.Tensor, n_way: int,
-              generator: torch.Generator): ...
 
 
 def task_seed(seed: int, domain: str, n_shot: int) -> int:
@@ -109,17 +100,18 @@ class Condition:
 
 
 def conditions(cfg: EvalConfig, attack: AttackConfig) -> list[Condition]:
-    """Every condition of the protocol, in reporting order."""
+    """Every condition of the protocol, in reporting order. The ε sweep and ℓ2 attacks reuse the headline
+    attack's settings with their own radius and step ``ratio · ε`` (``sweep_step_ratio``, ``l2_step_ratio``)."""
     out = [Condition("clean", cfg.n_tasks)]
     if cfg.adversarial:
         out.append(Condition("adversarial", min(cfg.adv_tasks, cfg.n_tasks), attack, headline=True))
         for eps in cfg.eps_sweep:
             if not math.isclose(eps, attack.eps) or attack.norm != "linf":
-                sweep = dataclasses.replace(attack, norm="linf", eps=eps, step_size=eps / 10)
+                sweep = dataclasses.replace(attack, norm="linf", eps=eps, step_size=cfg.sweep_step_ratio * eps)
                 out.append(Condition("adversarial", min(cfg.sweep_tasks, cfg.n_tasks), sweep))
         for eps in cfg.l2_eps:
-            out.append(Condition("adversarial", min(cfg.sweep_tasks, cfg.n_tasks),
-                                 dataclasses.replace(attack, norm="l2", eps=eps, step_size=eps / 4)))
+            l2 = dataclasses.replace(attack, norm="l2", eps=eps, step_size=cfg.l2_step_ratio * eps)
+            out.append(Condition("adversarial", min(cfg.sweep_tasks, cfg.n_tasks), l2))
     names = corruption_names(cfg.corruptions)
     for name in names:
         for severity in cfg.severities:
@@ -140,22 +132,21 @@ def corruption_names(requested: Sequence[str]) -> list[str]:
     return names
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(-1).cpu() == labels.cpu()).float().mean())
-
-
-def _task_generator(base: int, t: int, salt: int) -> torch.Generator:
+def task_generator(base: int, t: int, salt: int) -> torch.Generator:
+    """A fresh generator for one use (``salt``) of task ``t`` of the stream seeded ``base``."""
     return torch.Generator().manual_seed((base * 1_000_003 + t * 7919 + salt) & 0x7FFFFFFFFFFF)
 
 
-def corrupted_queries(episode: Episode, conds: Sequence[Condition], t: int, base_seed: int) -> dict[tuple, torch.Tensor]:
+def corrupted_queries(episode: Episode, conds: Sequence[Condition], t: int,
+                      base_seed: int) -> dict[tuple, torch.Tensor]:
     """The corrupted query images of task ``t`` for every corruption condition it takes part in."""
     from amt.corruptions import corrupt
 
     out = {}
     for i, c in enumerate(conds):
         if c.kind == "corruption" and t < c.n_tasks:
-            out[c.key()] = corrupt(episode.query_images, c.corruption, c.severity, _task_generator(base_seed, t, 100 + i))
+            generator = task_generator(base_seed, t, 100 + i)
+            out[c.key()] = corrupt(episode.query_images, c.corruption, c.severity, generator)
     return out
 
 
@@ -171,80 +162,26 @@ def evaluate_task(
             continue
         if c.kind == "clean":
             with torch.no_grad():
-                out[c.key()] = _accuracy(logits_fn(q), y)
+                out[c.key()] = accuracy(logits_fn(q), y)
         elif c.kind == "adversarial":
-            x_adv = adversarial_queries(c.attack, logits_fn, q, labels=y, generator=_task_generator(base_seed, t, i))
+            x_adv = adversarial_queries(c.attack, logits_fn, q, labels=y, generator=task_generator(base_seed, t, i))
             with torch.no_grad():
-                out[c.key()] = _accuracy(logits_fn(x_adv), y)
+                out[c.key()] = accuracy(logits_fn(x_adv), y)
         else:
             with torch.no_grad():
-                out[c.key()] = _accuracy(logits_fn(corrupted[c.key()]), y)
+                out[c.key()] = accuracy(logits_fn(corrupted[c.key()]), y)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Hyper-parameter selection on validation tasks
+# Tuning on validation tasks
 # ----------------------------------------------------------------------------------------------
-
-
-def select_merge_params(method, tasks: Sequence[Episode], base_seed: int) -> dict:
-    """Choose the "amt" rule's (λ, β, ρ, trimmed layers) by mean clean accuracy on validation ``tasks``.
-
-    Member scores are computed once per task; ties keep the earliest grid point (no trimming first).
-    Sets ``method.params`` and returns ``{"chosen": ..., "validation": [{"params", "acc"}, ...]}``.
-    """
-    grid = merge_grid(method.cfg)
-    per_task = {}
-    for t in _my_tasks(len(tasks)):
-        e = tasks[t]
-        scores = method.scores(e.support_images, e.support_labels, e.n_way, _task_generator(base_seed, t, 1))
-        per_task[t] = []
-        for params in grid:
-            with method.adapt_with(e.support_images, e.support_labels, e.n_way, scores, params) as (fn, _):
-                with torch.no_grad():
-                    per_task[t].append(_accuracy(fn(e.query_images), e.query_labels))
-    accs = _task_mean(gather_by_index(per_task), len(tasks), len(grid))
-    best = int(torch.argmax(accs))  # first maximum
-    method.params = grid[best]
-    return {"chosen": grid[best].as_dict(),
-            "validation": [{"params": p.as_dict(), "acc": float(a)} for p, a in zip(grid, accs)]}
-
-
-def select_finetune_lr(method, tasks: Sequence[Episode], base_seed: int) -> dict:
-    """Choose the fine-tuning learning rate from ``method.cfg_ft.lr_grid`` on validation ``tasks``."""
-    grid = list(method.cfg_ft.lr_grid)
-    per_task = {}
-    for t in _my_tasks(len(tasks)):
-        e = tasks[t]
-        per_task[t] = []
-        for lr in grid:
-            method.lr = lr
-            with method.adapt(e.support_images, e.support_labels, e.n_way, _task_generator(base_seed, t, 2)) as (fn, _):
-                with torch.no_grad():
-                    per_task[t].append(_accuracy(fn(e.query_images), e.query_labels))
-    accs = _task_mean(gather_by_index(per_task), len(tasks), len(grid))
-    results = [{"lr": lr, "acc": float(a)} for lr, a in zip(grid, accs)]
-    best = max(results, key=lambda r: r["acc"])
-    method.lr = best["lr"]
-    return {"chosen_lr": best["lr"], "lr_validation": results}
-
-
-def _my_tasks(n_tasks: int) -> range:
-    """The task indices this process evaluates: ``t ≡ rank (mod world)`` (every task in a single process)."""
-    size, rank = world()
-    return range(rank, n_tasks, size)
-
-
-def _task_mean(per_task: Mapping[int, Sequence[float]], n_tasks: int, n_grid: int) -> torch.Tensor:
-    """Mean over tasks (summed in task order, so any number of processes gives the same bits) per grid point."""
-    accs = torch.zeros(n_grid, dtype=torch.float64)
-    for t in range(n_tasks):
-        accs += torch.tensor(per_task[t], dtype=torch.float64)
-    return accs / max(1, n_tasks)
 
 
 def validation_tasks(dataset: ImageDataset, n_way: int, n_shot: int, n_query: int, n_tasks: int,
                      seed: int, device: torch.device | str = "cpu") -> list[Episode]:
+    """``n_tasks`` seeded episodes of ``dataset`` (the validation classes, or the test classes with the
+    validation seed), loaded onto ``device``."""
     sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query,
                            torch.Generator().manual_seed(seed), dataset.name + " (validation)")
     return [load_episode(dataset, sampler.sample()).to(device) for _ in range(n_tasks)]
@@ -263,7 +200,7 @@ def evaluate_domain(
     """Per-task accuracies ``{method: {condition key: [acc, ...]}}`` and per-task records of every method."""
     n_tasks = max(c.n_tasks for c in conds)
     sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query, generator, dataset.name)
-    mine = set(_my_tasks(n_tasks))
+    mine = set(shard(n_tasks))
     per_task: dict[int, tuple[dict, dict]] = {}
     for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
         indices = sampler.sample()  # every rank draws every task, so the task stream is the same
@@ -274,7 +211,7 @@ def evaluate_domain(
         task_accs, task_records = {}, {}
         for name, method in methods.items():
             with method.adapt(episode.support_images, episode.support_labels, episode.n_way,
-                              _task_generator(base_seed, t, 0)) as (logits_fn, record):
+                              task_generator(base_seed, t, 0)) as (logits_fn, record):
                 task_accs[name] = evaluate_task(logits_fn, episode, conds, t, base_seed, corrupted)
             task_records[name] = record
         per_task[t] = (task_accs, task_records)
@@ -306,18 +243,24 @@ def evaluate(
             methods that have hyper-parameters; tasks come from a different class split or, failing
             that, a different seed, so they never coincide with test tasks.
         device: where episodes are put (the methods' models must be there).
-    Returns a JSON-ready dict: ``{"protocol", "seconds", "results": [row, ...], "merge": {...}}`` with a row
+    Returns a JSON-ready dict: ``{"protocol", "seconds", "results": [row, ...], "tuning": {...}}`` with a row
     per (method, domain, shot, condition): ``method, domain, in_domain, n_way, n_shot, n_query, n_tasks,
-    condition, [attack | corruption], mean, ci95, accuracies`` (accuracies in %).
+    condition, [attack | corruption], mean, ci95, accuracies`` (accuracies in %), and per tunable method,
+    domain and shot what its tuning chose (``tuning[method][domain][shot]``, with the per-task merge
+    coefficients of the test tasks).
     """
+    tunable = [name for name, m in methods.items() if m.tunable]
+    if tunable and cfg.val_tasks < 1:
+        raise ConfigError(f"eval.val_tasks={cfg.val_tasks}, but {tunable} choose settings on validation tasks: set "
+                          "eval.val_tasks >= 1, or give their grids (merge.*_grid, finetune.lr_grid) a single value")
     if attack is None:
         cfg = dataclasses.replace(cfg, adversarial=False)
     conds = conditions(cfg, attack or AttackConfig())
-    rows, merge_info = [], {}
+    rows, tuning = [], {}
     start = time.perf_counter()
     for domain, dataset in domains:
-        _tune(methods, domain, dataset, cfg, validation, merge_info, device)
         for shot in cfg.shots:
+            tuned = _tune(methods, domain, dataset, shot, cfg, validation, device)
             n_query = query_budget(dataset, cfg.n_way, shot, cfg.n_query)
             if n_query < cfg.n_query:
                 log.warning("%s %d-shot: classes are small, using %d queries per class instead of %d",
@@ -333,54 +276,47 @@ def evaluate(
                     rows.append(dict(method=method, domain=domain.name, in_domain=domain.in_domain, n_way=cfg.n_way,
                                      n_shot=shot, n_query=n_query, n_tasks=len(a), **c.describe(), mean=mean,
                                      ci95=ci, accuracies=a))
-                clean = per_cond[conds[0].key()]
-                log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot, *mean_ci95(clean))
+                log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot,
+                         *mean_ci95(per_cond[conds[0].key()]))
+            for method, info in tuned.items():
                 coeffs = [r.coefficients for r in records[method] if r.coefficients is not None]
-                if coeffs and method in merge_info and domain.name in merge_info[method]:
-                    merge_info[method][domain.name].setdefault("coefficients", {})[str(shot)] = coeffs
+                tuning.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = (
+                    info | ({"coefficients": coeffs} if coeffs else {}))
     return {
         "protocol": {"n_way": cfg.n_way, "shots": list(cfg.shots), "n_query": cfg.n_query, "n_tasks": cfg.n_tasks,
                      "seed": cfg.seed, "adv_tasks": cfg.adv_tasks, "sweep_tasks": cfg.sweep_tasks,
                      "corruption_tasks": cfg.corruption_tasks, "val_tasks": cfg.val_tasks},
         "seconds": time.perf_counter() - start,
         "results": rows,
-        "merge": merge_info,
+        "tuning": tuning,
     }
 
 
-def _tune(methods, domain, dataset, cfg: EvalConfig, validation, merge_info: dict, device="cpu") -> None:
-    """Per domain: choose the hyper-parameters of tunable methods on validation tasks of every shot setting."""
-    tunable = {n: m for n, m in methods.items() if getattr(m, "tunable", False) or hasattr(m, "cfg_ft")}
+def _tune(methods: Mapping[str, Method], domain: DomainConfig, dataset: ImageDataset, shot: int, cfg: EvalConfig,
+          validation: Mapping[str, tuple[ImageDataset, str]] | None, device: torch.device | str) -> dict[str, dict]:
+    """Tune every tunable method for one domain and shot on its validation tasks; {method: what was chosen}."""
+    tunable = {n: m for n, m in methods.items() if m.tunable}
     if not tunable:
-        return
+        return {}
     val_set, how = (validation or {}).get(domain.name, (dataset, "test classes, different seed"))
-    seed = validation_seed(cfg.seed, domain.name, 0)
-    tasks = [e for shot in cfg.shots for e in validation_tasks(
-        val_set, cfg.n_way, shot, query_budget(val_set, cfg.n_way, shot, cfg.n_query), cfg.val_tasks,
-        validation_seed(cfg.seed, domain.name, shot), device)]
+    seed = validation_seed(cfg.seed, domain.name, shot)
+    tasks = validation_tasks(val_set, cfg.n_way, shot, query_budget(val_set, cfg.n_way, shot, cfg.n_query),
+                             cfg.val_tasks, seed, device)
+    out = {}
     for name, method in tunable.items():
-        info = merge_info.setdefault(name, {}).setdefault(domain.name, {"rule": getattr(method, "rule", None),
-                                                                         "validation_tasks": how})
-        inner = getattr(method, "inner", method)
-        if getattr(inner, "tunable", False):
-            info.update(select_merge_params(inner, tasks, seed))
-            info["members"] = list(inner.names)
-            log.info("%s %s: merge params %s (validation %.2f%% on %d tasks)", name, domain.name, info["chosen"],
-                     max(v["acc"] for v in info["validation"]), len(tasks))
-        if hasattr(method, "cfg_ft"):
-            info["finetune"] = select_finetune_lr(method, tasks, seed)
-            log.info("%s %s: fine-tuning lr %g", name, domain.name, info["finetune"]["chosen_lr"])
+        out[name] = {"validation_tasks": how, **method.tune(tasks, lambda t: task_generator(seed, t, 1))}
+        log.info("%s %s %d-shot: tuned %s on %d validation tasks", name, domain.name, shot,
+                 {k: v for k, v in out[name].items() if k in ("chosen", "finetune")}, len(tasks))
+    return out
 
 
 def write_results(results: dict, out_dir: str | Path) -> Path:
-    """Write ``results.json`` and the Markdown table ``results.md`` into ``out_dir``; return the JSON path."""
+    """Write ``results.json`` and the Markdown table ``results.md`` (clean rows) into ``out_dir`` atomically;
+    return the JSON path."""
     from amt.report import markdown_table
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-    (out_dir / "results.md").write_text(markdown_table(results) + "\n")  # the clean rows
-    return path
+    write_json(out_dir / RESULTS_FILE, results)
+    write_text(out_dir / "results.md", markdown_table(results) + "\n")
+    return out_dir / RESULTS_FILE

@@ -1,4 +1,4 @@
-"""PMF-style test-time fine-tuning on the support set (AMT-FT; PMF+FT on top of PM).
+"""PMF-style test-time fine-tuning on the support set (AMT-FT; PMF+FT; :class:`amt.methods.FinetunedMethod`).
 
 Per task, starting from the method's per-task model (for AMT: the merged, trimmed weights): ``steps``
 Adam steps on every backbone weight, loss = cross-entropy of augmented support images (pseudo-queries,
@@ -9,16 +9,16 @@ tuned tensor is restored exactly when the task ends.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amt.config import FinetuneConfig, MergeConfig
+from amt.config import AugmentConfig
 from amt.head import cosine_logits, prototypes
-from amt.merge import LogitsFn, TaskRecord, _protonet, pseudo_queries
+from amt.merge import pseudo_queries
 
 
 def _tuned_tensors(model: nn.Module) -> list[nn.Parameter]:
@@ -28,8 +28,12 @@ def _tuned_tensors(model: nn.Module) -> list[nn.Parameter]:
 
 @contextmanager
 def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, n_way: int, steps: int, lr: float,
-              aug: MergeConfig, generator: torch.Generator, scale: float = 10.0) -> Iterator[nn.Module]:
-    """Fine-tune ``model`` in place on one support set; restore every tuned tensor bit-for-bit on exit."""
+              augment: AugmentConfig, generator: torch.Generator, scale: float) -> Iterator[nn.Module]:
+    """Fine-tune ``model`` in place on one support set; restore every tuned tensor bit-for-bit on exit.
+
+    ``steps`` Adam steps at learning rate ``lr`` (none if either is 0); ``scale`` is the logit scale of the
+    per-task model being tuned; pseudo-queries are drawn from ``generator``.
+    """
     params = _tuned_tensors(model)
     saved = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
@@ -40,7 +44,7 @@ def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, 
             opt = torch.optim.Adam(params, lr=lr)
             n_s = len(support_images)
             for _ in range(steps):
-                pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, aug, generator)
+                pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, augment, generator)
                 feats = model(torch.cat([support_images, pseudo]))
                 protos = prototypes(feats[:n_s], support_labels, n_way)
                 loss = F.cross_entropy(cosine_logits(feats[n_s:], protos, scale), pseudo_labels)
@@ -56,24 +60,3 @@ def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, 
                 p.copy_(s)
                 p.grad = None
                 p.requires_grad_(f)
-
-
-class FinetunedMethod:
-    """Wrap a method (PM or a pool rule): its per-task model, then fine-tuned on the support set."""
-
-    tunable = False
-
-    def __init__(self, inner, cfg: FinetuneConfig, aug: MergeConfig) -> None:
-        self.inner, self.cfg_ft, self.aug = inner, cfg, aug
-        self.lr = cfg.lr
-        self.rule = getattr(inner, "rule", None)
-
-    @contextmanager
-    def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
-              generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        model = self.inner.model
-        with self.inner.adapt(support_images, support_labels, n_way, generator) as (_, record):
-            with finetuned(model, support_images, support_labels, n_way, self.cfg_ft.steps, self.lr, self.aug,
-                           generator, self.inner.scale):
-                record.extra["finetune_lr"] = self.lr
-                yield _protonet(model, support_images, support_labels, n_way, self.inner.scale), record

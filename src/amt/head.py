@@ -1,6 +1,8 @@
-"""Cosine ProtoNet head as stateless functions (PMF / METHOD.md "Head").
+"""Cosine ProtoNet head as stateless functions (PMF; docs/method.md, "Model").
 
-Prototype p_c = mean support feature of class c; logits = scale · (cos(f(x), p_c) + bias).
+Prototype p_c = mean support feature of class c; logits = scale · cos(f(x), p_c). The paper's offset b in
+scale · (cos + b) adds the same constant to every class's logit and so changes no softmax, cross-entropy or
+argmax: it is not a parameter here.
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ def prototypes(support_features: torch.Tensor, support_labels: torch.Tensor, n_w
     return (one_hot.T @ support_features) / counts[:, None]
 
 
-def cosine_logits(
-    features: torch.Tensor, protos: torch.Tensor, scale: float | torch.Tensor = 10.0, bias: float | torch.Tensor = 0.0
-) -> torch.Tensor:
-    """Scaled cosine similarity: [Q, D] × [N, D] → [Q, N] logits = scale · (cos + bias)."""
+def cosine_logits(features: torch.Tensor, protos: torch.Tensor, scale: float | torch.Tensor = 10.0) -> torch.Tensor:
+    """Scaled cosine similarity: features [Q, D] × prototypes [N, D] → [Q, N] logits = scale · cos (|·| ≤ scale)."""
     cos = F.normalize(features, dim=-1, eps=1e-8) @ F.normalize(protos, dim=-1, eps=1e-8).T
-    return scale * (cos + bias)
+    return scale * cos
 
 
 def protonet_logits(
@@ -40,7 +40,6 @@ def protonet_logits(
     query_features: torch.Tensor,
     n_way: int,
     scale: float | torch.Tensor = 10.0,
-    bias: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """Query logits [Q, N] from support features [S, D] and query features [Q, D]."""
-    return cosine_logits(query_features, prototypes(support_features, support_labels, n_way), scale, bias)
+    """Query logits [Q, N] from support features [S, D], labels [S] and query features [Q, D]."""
+    return cosine_logits(query_features, prototypes(support_features, support_labels, n_way), scale)

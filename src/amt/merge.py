@@ -1,9 +1,9 @@
-"""Test-time merging of the robust LoRA pool (METHOD.md, Algorithm 2), singular-value trimming, other rules.
+"""Test-time merging of the robust LoRA pool (docs/method.md, "Test-time merging"), singular-value trimming.
 
 Per task, from the support set only:
 
 1. pseudo-queries: ``pseudo_per_image`` augmented copies of every support image (random flip, colour
-   jitter, translation up to ``translate`` of the side; each copy augmented with probability ``aug_prob``)
+   jitter, translation up to ``translate`` of the side; each copy augmented with probability ``pseudo_prob``)
    — needed because with one shot a support image *is* its prototype;
 2. for every member i (its adapter active): prototypes p_{i,c} from the clean support, then
    C_i = mean cosine of the pseudo-queries to their own prototype (compactness) and
@@ -12,30 +12,27 @@ Per task, from the support set only:
 4. W' = W_res + Σ ζ_i B_i A_i in every adapted layer (:func:`amt.lora.merged`, restored bit-for-bit);
 5. singular-value trimming of W' on the chosen layer group: keep the top ρ fraction of singular values.
 
-Other rules (:data:`RULES`): ``uniform`` (weight average of all members), ``logit_avg`` (average of the
-members' logits; an ensemble, no merge), ``min_support_ce`` (the "no TTM" ablation: the one member with
-the lowest pseudo-query cross-entropy), ``single`` (a fixed member).
+The rules that use these pieces, and the per-task models, are in :mod:`amt.methods`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amt.config import MergeConfig
+from amt.config import AugmentConfig, MergeConfig
 from amt.head import cosine_logits, prototypes
 from amt.lora import active_adapter, lora_layers, merged
 
 log = logging.getLogger(__name__)
 
-RULES = ("amt", "uniform", "logit_avg", "min_support_ce", "single")
 TRIM_GROUPS: dict[str, tuple[str, ...]] = {  # layer groups for trimming, by module-name suffix
     "none": (),
     "attn": ("attn.qkv", "attn.proj"),
@@ -49,21 +46,23 @@ TRIM_GROUPS: dict[str, tuple[str, ...]] = {  # layer groups for trimming, by mod
 # ----------------------------------------------------------------------------------------------
 
 
-def pseudo_queries(images: Tensor, labels: Tensor, cfg: MergeConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Augmented copies of the support images ``[S, 3, H, W]`` in [0, 1] → ``([S·m, 3, H, W], [S·m])``.
+def pseudo_queries(images: Tensor, labels: Tensor, cfg: AugmentConfig,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Augmented copies of the support images ``[S, 3, H, W]`` in [0, 1] → ``([S·m, 3, H, W], [S·m])``,
+    m = ``cfg.pseudo_per_image``.
 
-    Each copy is augmented with probability ``cfg.aug_prob``: horizontal flip (if ``cfg.hflip``, p = 0.5),
+    Each copy is augmented with probability ``cfg.pseudo_prob``: horizontal flip (if ``cfg.hflip``, p = 0.5),
     brightness/contrast/saturation factors uniform in [1 − j, 1 + j] (j = ``cfg.color_jitter``), and an
     integer translation of up to ``cfg.translate`` of the side with edge replication.
     """
     m = cfg.pseudo_per_image
     if m < 1:
-        raise ValueError(f"merge.pseudo_per_image must be >= 1, got {m}")
+        raise ValueError(f"augment.pseudo_per_image must be >= 1, got {m}")
     x = images.repeat(m, 1, 1, 1)
     y = labels.repeat(m)
     n, _, h, w = x.shape
     rand = lambda *shape: torch.rand(*shape, generator=generator).to(x.device)  # noqa: E731
-    on = (rand(n) < cfg.aug_prob).view(n, 1, 1, 1)
+    on = (rand(n) < cfg.pseudo_prob).view(n, 1, 1, 1)
     out = x
     if cfg.hflip:
         flip = (rand(n) < 0.5).view(n, 1, 1, 1)
@@ -91,21 +90,24 @@ class MemberScores:
 
     compactness: Tensor  # C_i: mean cosine of pseudo-queries to their own prototype
     divergence: Tensor  # V_i: mean cosine of pseudo-queries to the other prototypes
-    support_ce: Tensor  # cross-entropy of the pseudo-queries (scale 10), for the "no TTM" rule
+    support_ce: Tensor  # cross-entropy of the pseudo-queries at the member's logit scale ("no TTM" rule)
 
 
 @torch.no_grad()
 def member_scores(
-    model: nn.Module, names: Sequence[str], support_images: Tensor, support_labels: Tensor, n_way: int,
-    pseudo_images: Tensor, pseudo_labels: Tensor,
+    model: nn.Module, names: Sequence[str], scales: Sequence[float], support_images: Tensor, support_labels: Tensor,
+    n_way: int, pseudo_images: Tensor, pseudo_labels: Tensor,
 ) -> MemberScores:
-    """C_i, V_i and the pseudo-query CE of every member (one forward of support + pseudo-queries each)."""
+    """C_i, V_i and the pseudo-query CE of every member (one forward of support + pseudo-queries each).
+
+    ``scales[i]`` is member i's logit scale, used only for its cross-entropy.
+    """
     if n_way < 2:
         raise ValueError("merging needs at least 2 classes per task (V_i averages over the other classes)")
     c, v, ce = [], [], []
     n_s = len(support_images)
     images = torch.cat([support_images, pseudo_images])
-    for name in names:
+    for name, scale in zip(names, scales, strict=True):
         with active_adapter(model, name):
             feats = model(images)
         protos = prototypes(feats[:n_s], support_labels, n_way)
@@ -113,7 +115,7 @@ def member_scores(
         own = cos.gather(1, pseudo_labels[:, None]).squeeze(1)
         c.append(own.mean())
         v.append(((cos.sum(1) - own) / (n_way - 1)).mean())
-        ce.append(F.cross_entropy(10.0 * cos, pseudo_labels))
+        ce.append(F.cross_entropy(scale * cos, pseudo_labels))
     return MemberScores(torch.stack(c), torch.stack(v), torch.stack(ce))
 
 
@@ -144,9 +146,9 @@ def trim_weight(weight: Tensor, rho: float, method: str = "gram") -> Tensor:
     ``method="gram"`` (default): with n = min(out, in), the top-k right (or left) singular vectors V_k are the
     top eigenvectors of the n×n Gram matrix, and W V_k V_kᵀ = U_k S_k V_kᵀ exactly; an n×n symmetric
     eigendecomposition in float64 is several times cheaper than the SVD of W, on the CPU and on a GPU
-    (``benchmarks/trim.py``, 48 ViT-S layers: 2.4× on this 2-core CPU, 5.5× on an H200, where it also beats a float32 ``eigh`` and
-    an ``eigh`` moved to the host). ``"svd"``: exact SVD, taken on the tall orientation (faster than the
-    wide one). Both agree to float64 rounding.
+    (``benchmarks/trim.py``, 48 ViT-S layers: 2.4× on this 2-core CPU, 5.5× on an H200, where it also beats a
+    float32 ``eigh`` and an ``eigh`` moved to the host). ``"svd"``: exact SVD, taken on the tall orientation
+    (faster than the wide one). Both agree to float64 rounding.
     """
     if not 0 < rho <= 1:
         raise ValueError(f"trim fraction rho must be in (0, 1], got {rho}")
@@ -203,125 +205,30 @@ def merged_task(model: nn.Module, coefficients: dict[str, float], rho: float = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-task models
+# Hyper-parameters
 # ----------------------------------------------------------------------------------------------
 
-LogitsFn = Callable[[Tensor], Tensor]
 
-
-@dataclass
-class TaskRecord:
-    """What the method did for one task (JSON-ready)."""
-
-    coefficients: list[float] | None = None  # ζ per member (None: no merge)
-    extra: dict = field(default_factory=dict)
-
-
-def _protonet(model: nn.Module, support_images: Tensor, support_labels: Tensor, n_way: int, scale: float) -> LogitsFn:
-    with torch.no_grad():
-        protos = prototypes(model(support_images), support_labels, n_way)
-    return lambda x: cosine_logits(model(x), protos, scale)
-
-
-@dataclass
+@dataclass(frozen=True)
 class MergeParams:
-    """The per-domain hyper-parameters of the "amt" rule."""
+    """The per-domain, per-shot hyper-parameters of rule "ttm" (candidates: :func:`merge_grid`)."""
 
-    lambda_: float = 0.5
-    beta: float = 6.0
-    rho: float = 1.0
-    trim_layers: str = "none"
+    lambda_: float  # λ: weight of compactness against divergence
+    beta: float  # β: sharpness of u = exp(−β(1 − score))
+    rho: float  # ρ: fraction of singular values kept (1: no trimming)
+    trim_group: str  # layer group trimmed (a key of TRIM_GROUPS; "none" when ρ = 1)
 
     def as_dict(self) -> dict:
-        return {"lambda": self.lambda_, "beta": self.beta, "rho": self.rho, "trim_layers": self.trim_layers}
-
-
-class PoolMethod:
-    """A trained pool on its backbone, classified per task by one of :data:`RULES`.
-
-    ``adapt(episode, generator)`` is a context manager yielding ``(logits_fn, record)``: ``logits_fn`` maps
-    query images ``[Q, 3, H, W]`` in [0, 1] to logits ``[Q, N]`` under the per-task model (differentiable
-    w.r.t. the images, for attacks); the base weights are restored exactly on exit.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str], rule: str, cfg: MergeConfig, member: int = 0,
-                 scale: float = 10.0) -> None:
-        if rule not in RULES:
-            raise ValueError(f"unknown merge rule {rule!r}; choose one of {RULES}")
-        if rule == "single" and not 0 <= member < len(names):
-            raise ValueError(f"rule 'single' needs 0 <= member < {len(names)}, got {member}")
-        self.model, self.names, self.rule, self.cfg = model.eval().requires_grad_(False), list(names), rule, cfg
-        self.member, self.scale = member, scale
-        self.params = MergeParams()
-
-    @property
-    def tunable(self) -> bool:
-        return self.rule == "amt"
-
-    def scores(self, support_images: Tensor, support_labels: Tensor, n_way: int, generator: torch.Generator) -> MemberScores:
-        pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.cfg, generator)
-        return member_scores(self.model, self.names, support_images, support_labels, n_way, pseudo, pseudo_labels)
-
-    def coefficients(self, scores: MemberScores | None, params: MergeParams) -> Tensor:
-        p = len(self.names)
-        if self.rule == "amt":
-            return merge_coefficients(scores, params.lambda_, params.beta, self.cfg.top_k)
-        if self.rule == "uniform":
-            return torch.full((p,), 1.0 / p)
-        index = int(scores.support_ce.argmin()) if self.rule == "min_support_ce" else self.member
-        return F.one_hot(torch.tensor(index), p).float()
-
-    @contextmanager
-    def adapt_with(self, support_images: Tensor, support_labels: Tensor, n_way: int, scores: MemberScores | None,
-                   params: MergeParams) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        """The per-task model for given member scores and hyper-parameters (validation reuses the scores)."""
-        if self.rule == "logit_avg":
-            fns = []
-            for name in self.names:
-                with active_adapter(self.model, name):
-                    fns.append((name, _protonet(self.model, support_images, support_labels, n_way, self.scale)))
-
-            def logits_fn(x: Tensor) -> Tensor:
-                outs = []
-                for name, fn in fns:
-                    with active_adapter(self.model, name):
-                        outs.append(fn(x))
-                return torch.stack(outs).mean(0)
-
-            yield logits_fn, TaskRecord(None)
-            return
-        zeta = self.coefficients(scores, params)
-        coeffs = {n: float(z) for n, z in zip(self.names, zeta) if float(z) != 0.0}
-        rho, group = (params.rho, params.trim_layers) if self.rule == "amt" else (1.0, "none")
-        with merged_task(self.model, coeffs, rho, group, self.cfg.trim_method):
-            yield _protonet(self.model, support_images, support_labels, n_way, self.scale), TaskRecord(zeta.tolist())
-
-    @contextmanager
-    def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
-              generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        scores = self.scores(support_images, support_labels, n_way, generator) \
-            if self.rule in ("amt", "min_support_ce") else None
-        with self.adapt_with(support_images, support_labels, n_way, scores, self.params) as out:
-            yield out
-
-
-class BackboneMethod:
-    """PM: the bare backbone with the cosine ProtoNet head (nothing to adapt)."""
-
-    tunable = False
-
-    def __init__(self, model: nn.Module, scale: float = 10.0) -> None:
-        self.model, self.scale = model.eval().requires_grad_(False), scale
-
-    @contextmanager
-    def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
-              generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        yield _protonet(self.model, support_images, support_labels, n_way, self.scale), TaskRecord(None)
+        return {"lambda": self.lambda_, "beta": self.beta, "rho": self.rho, "trim_group": self.trim_group}
 
 
 def merge_grid(cfg: MergeConfig) -> list[MergeParams]:
-    """Candidate hyper-parameters: every (λ, β) with no trimming, and with every (ρ < 1, layer group)."""
-    trims = [(1.0, "none")] + [(r, g) for r in cfg.rho_grid if r < 1 for g in cfg.trim_layers_grid]
+    """Candidate hyper-parameters in order: every (λ, β) with no trimming (if ``rho_grid`` holds 1), then
+    with every (ρ < 1, layer group). The first candidate is the untuned default."""
+    if not (cfg.lambda_grid and cfg.beta_grid and cfg.rho_grid):
+        raise ValueError("merge.lambda_grid, beta_grid and rho_grid need at least one value each")
+    trims = ([(1.0, "none")] if any(r >= 1 for r in cfg.rho_grid) else []) + [
+        (r, g) for r in cfg.rho_grid if r < 1 for g in cfg.trim_group_grid]
     return [MergeParams(lam, beta, rho, group) for lam in cfg.lambda_grid for beta in cfg.beta_grid
             for rho, group in trims]
 

@@ -1,4 +1,4 @@
-"""APSV: adversarial perturbation of one member's LoRA factors (METHOD.md, "Meta-tuning", step 3).
+"""APSV: adversarial perturbation of one member's LoRA factors (docs/method.md, "Meta-tuning", step 3).
 
 Given the factor tensors T ∈ {A, B} of the member being trained and the gradients g = ∂L/∂T of the
 training loss (the ascent direction), every tensor is moved, in place, by
@@ -179,17 +179,14 @@ def adversarial_weights(
         loss: a scalar loss at the current (clean) weights, or a closure computing it (called once, on entry,
             with grad enabled). Its gradients w.r.t. ``params`` are taken with :func:`torch.autograd.grad`,
             so no ``.grad`` attribute changes; unused params get no perturbation.
-        cfg: :class:`~amt.config.PerturbConfig` (``enabled``, ``eta`` = η1, ``mode``). Disabled: nothing is
-            computed (the closure is not called) and the weights stay as they are.
+        cfg: :class:`~amt.config.PerturbConfig` (``eta`` = η1, ``mode``). Whether APSV runs at all is the
+            caller's decision (``TrainConfig.apsv``): this function always perturbs.
         retain_graph: keep the loss graph after the ascent gradient (when parts of it are reused later).
 
-    Yields the deltas (see :func:`weight_perturbation`; all ``None`` when disabled). Compute the outer
-    gradient inside the context and step the optimiser after it (module docstring).
+    Yields the deltas (see :func:`weight_perturbation`). Compute the outer gradient inside the context and
+    step the optimiser after it (module docstring).
     """
     params = list(params)
-    if not cfg.enabled:
-        yield [None] * len(params)
-        return
     _check_params(params, "adversarial_weights")
     frozen = [i for i, p in enumerate(params) if not p.requires_grad]
     if frozen:

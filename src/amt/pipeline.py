@@ -1,13 +1,12 @@
 """The runs behind the CLI verbs: resolve a config, build data and model, call the library, write a run dir.
 
-A run directory holds the resolved configuration (``config.yaml``) next to its results. Results are
-written atomically at the end of a successful run, so a failed run never replaces earlier results.
+A run directory (:mod:`amt.rundir`) holds the resolved configuration (``config.yaml``) next to its results.
+Results are written atomically at the end of a successful run, so a failed run never replaces earlier results.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shlex
@@ -18,11 +17,25 @@ from pathlib import Path
 
 import torch
 
-from amt.backbone import build_backbone, fingerprint, precision_dtype, save_backbone
-from amt.config import ConfigError, ExperimentConfig, MethodConfig, from_dict, merge_dicts, save_config, to_dict, variant_overrides
-from amt.data.datasets import load_domain
+from amt.backbone import build_backbone, precision_dtype
+from amt.checkpoints import fingerprint, save_backbone
+from amt.config import (
+    ConfigError,
+    DomainConfig,
+    ExperimentConfig,
+    MethodConfig,
+    from_dict,
+    merge_dicts,
+    to_dict,
+    variant_overrides,
+)
+from amt.data.base import ImageDataset
+from amt.data.domains import load_domain, validation_set
+from amt.data.transforms import build_transform
 from amt.distributed import close_distributed, init_distributed, is_main, world
 from amt.evaluate import evaluate, write_results
+from amt.methods import BackboneMethod, FinetunedMethod, Method, PoolMethod
+from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, save_config, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,70 +88,61 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_methods(cfg: ExperimentConfig) -> dict:
-    """The evaluated rows of ``cfg.methods``: each on its own copy of the configured backbone."""
-    from amt.finetune import FinetunedMethod
-    from amt.merge import BackboneMethod, PoolMethod
-    from amt.train import load_pool
+def domain_dataset(cfg: ExperimentConfig, domain: DomainConfig, train: bool = False,
+                   split: str | None = None) -> ImageDataset:
+    """``domain`` read at the backbone's input size, with training or evaluation transforms."""
+    transform = build_transform(cfg.backbone.image_size, cfg.data, cfg.augment, train)
+    return load_domain(domain, cfg.data, transform, split)
 
-    methods = {}
+
+def build_methods(cfg: ExperimentConfig) -> tuple[dict[str, Method], str]:
+    """The evaluated rows of ``cfg.methods``, each on its own copy of the configured backbone, and the
+    backbone's fingerprint."""
+    from amt.rundir import load_pool
+
+    methods: dict[str, Method] = {}
+    backbone_fp = None
     for m in cfg.methods:
         if m.name in methods:
             raise ConfigError(f"two evaluated methods are named {m.name!r}; give each a distinct `name`")
+        if m.finetune and m.rule == "logit_avg" and m.pool is not None:
+            raise ConfigError(f"{m.name}: test-time fine-tuning needs one model per task; rule 'logit_avg' has several")
         backbone = build_backbone(cfg.backbone).eval()
+        backbone_fp = backbone_fp or fingerprint(backbone.vit)
         if m.pool is None:
             method = BackboneMethod(backbone, cfg.head.scale)
         else:
-            names = load_pool(backbone, m.pool, fingerprint(backbone.vit))
-            method = (PoolMethod(backbone, names, m.rule, cfg.merge, m.member, cfg.head.scale) if names
-                      else BackboneMethod(backbone, cfg.head.scale))  # PMF: a meta-tuned full backbone
+            pool = load_pool(backbone, m.pool, backbone_fp)
+            method = (PoolMethod(backbone, pool, m.rule, cfg.merge, cfg.augment, m.member_index) if pool.names
+                      else BackboneMethod(backbone, pool.scales[0]))  # PMF: a meta-tuned full backbone
         if m.finetune:
-            if getattr(method, "rule", None) == "logit_avg":
-                raise ConfigError(f"{m.name}: test-time fine-tuning needs one model per task; rule 'logit_avg' has several")
-            method = FinetunedMethod(method, cfg.finetune, cfg.merge)
+            method = FinetunedMethod(method, cfg.finetune, cfg.augment)
         methods[m.name] = method
-    return methods
+    return methods, backbone_fp
 
 
-def pool_spectra(methods: dict) -> dict:
+def pool_spectra(methods: dict[str, Method]) -> dict:
     """Per pool method: singular values of its uniformly merged weights in the last block's qkv and fc1."""
     from amt.lora import lora_layers
     from amt.merge import merged_spectra
 
     out = {}
     for name, method in methods.items():
-        inner = getattr(method, "inner", method)
-        if not hasattr(inner, "names"):
+        if not method.pool_names:
             continue
-        layers = list(lora_layers(inner.model))
-        last = [n for n in layers if n.endswith(("attn.qkv", "mlp.fc1"))][-2:]
-        out[name] = merged_spectra(inner.model, {n: 1.0 / len(inner.names) for n in inner.names}, last)
+        last = [n for n in lora_layers(method.model) if n.endswith(("attn.qkv", "mlp.fc1"))][-2:]
+        out[name] = merged_spectra(method.model, {n: 1.0 / len(method.pool_names) for n in method.pool_names}, last)
     return out
 
 
-def validation_sets(domains, cfg: ExperimentConfig) -> dict:
-    """Per domain: (validation dataset, description). A domain's "val" class split when it has one with
-    enough classes, else its test classes (the evaluation then draws them with a different seed)."""
-    from amt.data.datasets import load_splits
-
+def validation_sets(domains: list[tuple[DomainConfig, ImageDataset]], cfg: ExperimentConfig) -> dict:
+    """Per domain: (validation dataset, description). A domain's validation classes when it has enough of
+    them, else its test classes (the evaluation then draws them with a different seed)."""
+    transform = build_transform(cfg.backbone.image_size, cfg.data, cfg.augment, train=False)
     out = {}
     for d, dataset in domains:
-        if d.format == "metadataset" and d.split != "val":
-            from amt.data.datasets import DataError
-
-            try:
-                val = load_domain(d, cfg.data, train=False, split="val")
-            except DataError:
-                val = None
-            if val is not None and len(val.class_names) >= cfg.eval.n_way:
-                out[d.name] = (val, "validation classes")
-                continue
-        elif d.splits is not None and "val" in load_splits(d.splits):
-            val = load_domain(d, cfg.data, train=False, split="val")
-            if len(val.class_names) >= cfg.eval.n_way:
-                out[d.name] = (val, "validation classes")
-                continue
-        out[d.name] = (dataset, "test classes, different seed")
+        val = validation_set(d, cfg.data, transform, cfg.eval.n_way)
+        out[d.name] = (val, "validation classes") if val is not None else (dataset, "test classes, different seed")
     return out
 
 
@@ -150,28 +154,26 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     started = init_distributed()  # under torchrun: tasks are shared out across ranks and gathered
     try:
         device = resolve_device(cfg.device)
-        methods = build_methods(cfg)
+        methods, backbone_fp = build_methods(cfg)
         fine_tuned = any(m.finetune for m in cfg.methods)
         dtype = precision_dtype(cfg.precision, device, training=fine_tuned)
         for method in methods.values():
-            model = getattr(method, "inner", method).model.to(device)
-            model.autocast_dtype = dtype
-        domains = [(d, load_domain(d, cfg.data, train=False)) for d in cfg.domains]
-        tunable = any(getattr(m, "tunable", False) or hasattr(m, "cfg_ft") for m in methods.values())
+            method.model.to(device).autocast_dtype = dtype
+        domains = [(d, domain_dataset(cfg, d)) for d in cfg.domains]
+        tunable = any(m.tunable for m in methods.values())
         validation = validation_sets(domains, cfg) if tunable else {}
         results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
                            device=device)
         results["device"] = str(device)
         results["precision"] = cfg.precision
         results["processes"] = world()[0]
-        first = build_backbone(cfg.backbone)
         results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
-                               "fingerprint": fingerprint(first.vit)}
+                               "fingerprint": backbone_fp}
         results["methods"] = [to_dict(m) for m in cfg.methods]
         results["spectra"] = pool_spectra(methods)
         if is_main():
             write_results(results, out_dir)
-            save_config(cfg, out_dir / "config.yaml")
+            save_config(cfg, out_dir / CONFIG_FILE)
     finally:
         if started:
             close_distributed()
@@ -189,21 +191,21 @@ def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.pretrain.seed)
     backbone = build_backbone(cfg.backbone)
-    train = load_domain(cfg.train_domain, cfg.data, train=True)
+    train = domain_dataset(cfg, cfg.train_domain, train=True)
     metrics = pretrain(backbone, train, cfg.pretrain, backbone.embed_dim)
-    tmp = out.with_suffix(".tmp.safetensors")
-    save_backbone(backbone, tmp)
-    tmp.replace(out)
+    with atomic_write(out) as tmp:
+        save_backbone(backbone, tmp)
     info = {
         "arch": cfg.backbone.arch, "image_size": cfg.backbone.image_size,
         "mean": list(cfg.backbone.mean), "std": list(cfg.backbone.std),
         "fingerprint": fingerprint(backbone.vit), "metrics": metrics,
         "train_domain": cfg.train_domain.name, "train_classes": len(train.class_names),
-        "pretrain": to_dict(cfg.pretrain), "data": to_dict(cfg.data), "glyphs": to_dict(cfg.glyphs),
+        "pretrain": to_dict(cfg.pretrain), "data": to_dict(cfg.data), "augment": to_dict(cfg.augment),
+        "glyphs": to_dict(cfg.glyphs),
         "command": "amt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "torch": torch.__version__,
     }
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    write_json(out.with_suffix(".json"), info)
     log.info("wrote %s (fingerprint %s)", out, info["fingerprint"])
     return info
 
@@ -219,7 +221,7 @@ def with_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
 def demo_methods(out: Path) -> tuple[MethodConfig, ...]:
     """The rows of the demo's table: PM, the clean-LoRA baseline, and AMT (merged + trimmed pool)."""
     return (MethodConfig("PM"), MethodConfig("Clean LoRA", pool=str(out / "clean_lora"), rule="single"),
-            MethodConfig("AMT", pool=str(out / "amt"), rule="amt"))
+            MethodConfig("AMT", pool=str(out / "amt"), rule="ttm"))
 
 
 def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
@@ -250,12 +252,20 @@ def run_train(
 ) -> dict:
     """Meta-tune the pool (or one baseline) on the training domain; returns the pool manifest.
 
-    Writes ``out_dir/pool.json`` (backbone fingerprint, configuration, one record per member) and per
-    member ``member{i}/`` with ``weights.safetensors``, ``state.pt``, ``metrics.jsonl``, ``member.json``.
+    Writes ``out_dir/pool.json`` (backbone and W_res fingerprints, configuration, one record per member) and
+    per member ``member{i}/`` with ``weights.safetensors``, ``state.pt``, ``metrics.jsonl``, ``member.json``
+    (:mod:`amt.rundir`). ``members``: 0-based indices to train (default: all, one after the other).
     """
-    from amt.lora import inject_lora
-    from amt.train import (MANIFEST_FILE, MEMBER_RECORD_FILE, MemberSpec, _write_json, check_fingerprint,
-                           member_names, member_record, train_member, write_manifest)
+    from amt.lora import inject_lora, residual_fingerprint
+    from amt.rundir import (
+        MEMBER_RECORD_FILE,
+        check_fingerprint,
+        member_dir,
+        member_names,
+        read_manifest,
+        write_manifest,
+    )
+    from amt.train import MemberSpec, MetaTuning, member_record, train_member
 
     cfg = resolve(cfg)
     if cfg.train_domain is None:
@@ -265,20 +275,22 @@ def run_train(
     backbone = build_backbone(cfg.backbone).eval()
     fp = fingerprint(backbone.vit)
     if (out / MANIFEST_FILE).exists():
-        check_fingerprint(json.loads((out / MANIFEST_FILE).read_text()), fp, out)
+        check_fingerprint(read_manifest(out), fp, out)
+    header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
     if cfg.train.mode == "lora":
-        names: list[str | None] = list(member_names(cfg.pool, cfg.train))
+        names: list[str | None] = list(member_names(len(cfg.pool.eps), cfg.train.apq))
         inject_lora(backbone.vit, cfg.lora.targets, names, cfg.lora.rank, cfg.lora.scaling, cfg.lora.init,
                     generator=torch.Generator().manual_seed(cfg.train.seed))
+        header["residual_fingerprint"] = residual_fingerprint(backbone.vit)
     else:
         names = [None]
     indices = list(range(len(names))) if members is None else members
     bad = [i for i in indices if not 0 <= i < len(names)]
     if bad:
         raise ConfigError(f"--member {bad} out of range: this pool has {len(names)} member(s) (0..{len(names) - 1})")
-    train_set = load_domain(cfg.train_domain, cfg.data, train=True)
-    val_set = load_domain(cfg.train_domain, cfg.data, train=False, split="val")
-    header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
+    train_set = domain_dataset(cfg, cfg.train_domain, train=True)
+    val_set = domain_dataset(cfg, cfg.train_domain, split="val")
+    settings = MetaTuning(cfg.train, cfg.pool, cfg.perturb, cfg.head)
     started = init_distributed()
     device = resolve_device(cfg.device)
     backbone.to(device)
@@ -286,13 +298,12 @@ def run_train(
     main_rank = is_main()
     try:
         if main_rank:
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, out / CONFIG_FILE)
         for i in indices:
-            spec = MemberSpec(i, names[i], out / f"member{i}")
-            summary = train_member(backbone, spec, train_set, val_set, cfg.train, cfg.pool, cfg.perturb, cfg.head,
-                                   resume=resume, stop_after=stop_after)
+            spec = MemberSpec(i, names[i], member_dir(out, i))
+            summary = train_member(backbone, spec, train_set, val_set, settings, resume=resume, stop_after=stop_after)
             if main_rank:
-                _write_json(member_record(spec, cfg.pool, cfg.train, summary), spec.out_dir / MEMBER_RECORD_FILE)
+                write_json(spec.out_dir / MEMBER_RECORD_FILE, member_record(spec, cfg.pool, cfg.train, summary))
                 log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i, summary["episodes"],
                          summary["best"]["val_acc"], summary["best"]["episode"])
         manifest = write_manifest(out, header) if main_rank else {}

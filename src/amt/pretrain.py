@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from amt.config import PretrainConfig
-from amt.data.datasets import ImageDataset
+from amt.data.base import ImageDataset
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from amt.rundir import atomic_write
+
 CONDITIONS = ("clean", "adversarial", "corruption")
 FIGURES = ("accuracy_vs_eps.png", "corruptions.png", "spectra.png", "merge_coefficients.png")
 ROW_KEYS = ("method", "domain", "in_domain", "n_shot", "mean", "ci95")
@@ -86,7 +88,8 @@ def markdown_table(results: dict) -> str:
             sel = [v for d, v in vals.items() if in_domain[d] == flag]
             row.append(f"{sum(sel) / len(sel):.2f}" if sel else "—")
         lines.append("| " + " | ".join(row) + " |")
-    notes = sorted({(r["domain"], r["n_shot"], r["n_query"]) for r in rows if r["n_query"] < results["protocol"]["n_query"]})
+    full = results["protocol"]["n_query"]
+    notes = sorted({(r["domain"], r["n_shot"], r["n_query"]) for r in rows if r["n_query"] < full})
     for d, s, q in notes:
         lines.append(f"\n{d} {s}-shot: {q} queries per class (classes too small for {results['protocol']['n_query']}).")
     lines.append(f"\n{rows[0]['n_tasks'] if rows else 0} tasks per cell; ± is the 95% confidence interval.")
@@ -111,7 +114,8 @@ def training_table(manifest: dict) -> str:
         kept_acc = "—" if kept.get("val_acc") is None else f"{kept['val_acc']:.2f}"
         lines.append(
             f"| {m['name'] or 'backbone'} | {eps} | {m['episodes']}{'' if m.get('finished') else ' (unfinished)'} "
-            f"| {best.get('val_acc', float('nan')):.2f} ({best.get('episode', '—')}) | {kept_acc} ({kept.get('episode', '—')}) "
+            f"| {best.get('val_acc', float('nan')):.2f} ({best.get('episode', '—')}) "
+            f"| {kept_acc} ({kept.get('episode', '—')}) "
             f"| {final.get('loss', float('nan')):.3f} | {final.get('ce', float('nan')):.3f} "
             f"| {final.get('kl', float('nan')):.4f} | {m.get('scale', float('nan')):.2f} | {m.get('seconds', 0):.0f} |")
     return "\n".join(lines)
@@ -250,17 +254,27 @@ def main_table(results: dict, fmt: str = "md") -> str:
     return _render(header, table, fmt, notes)
 
 
+def _tuned(results: dict) -> list[tuple[str, str, str, dict]]:
+    """(method, domain, shot, info) of every tuning record (``results["tuning"][method][domain][shot]``)."""
+    return [(m, d, shot, info) for m, per_domain in (results.get("tuning") or {}).items()
+            for d, per_shot in per_domain.items() for shot, info in sorted(per_shot.items(), key=lambda kv: int(kv[0]))]
+
+
 def merge_table(results: dict, fmt: str = "md") -> str:
-    """Chosen merge hyperparameters per merged method and domain, with the chosen setting's validation acc (%)."""
-    header = ["method", "domain", "rule", "chosen", "validation acc", "members"]
+    """Settings chosen on validation tasks per tuned method, domain and shot (merge hyper-parameters, fine-tuning
+    learning rate), with the chosen setting's validation accuracy (%)."""
+    header = ["method", "domain", "shot", "rule", "chosen", "validation acc", "validation tasks"]
     table = []
-    for method, per_domain in (results.get("merge") or {}).items():
-        for domain, info in per_domain.items():
-            chosen = info.get("chosen") or {}
-            acc = [v["acc"] for v in info.get("validation", []) if v.get("params") == chosen]
-            table.append([method, domain, info.get("rule", MISSING),
-                          ", ".join(f"{k}={v}" for k, v in chosen.items()) or MISSING,
-                          float(acc[0]) if acc else None, " ".join(info.get("members", [])) or MISSING])
+    for method, domain, shot, info in _tuned(results):
+        chosen = dict(info.get("chosen") or {})
+        acc = [v["acc"] for v in info.get("validation", []) if v.get("params") == chosen]
+        ft = info.get("finetune") or {}
+        if "chosen_lr" in ft:
+            chosen["finetune_lr"] = ft["chosen_lr"]
+            acc = acc or [v["acc"] for v in ft.get("lr_validation", []) if v.get("lr") == ft["chosen_lr"]]
+        table.append([method, domain, shot, info.get("rule") or MISSING,
+                      ", ".join(f"{k}={v}" for k, v in chosen.items()) or MISSING,
+                      float(acc[0]) if acc else None, info.get("validation_tasks", MISSING)])
     return _render(header, table, fmt)
 
 
@@ -301,7 +315,8 @@ def _eps_figure(results: dict):
     if not adv:
         return None
     clean, domains = _select(results, "clean"), _domains(results["results"])
-    panels = [(n, s) for n in dict.fromkeys(r["attack"]["norm"] for r in adv) for s in sorted({r["n_shot"] for r in adv})]
+    norms, shots = dict.fromkeys(r["attack"]["norm"] for r in adv), sorted({r["n_shot"] for r in adv})
+    panels = [(n, s) for n in norms for s in shots]
     kinds = [k for k in (True, False) if k in {domains[r["domain"]] for r in adv}]
     fig, axes = _figure(len(panels), len(kinds))
     for (norm, shot), row in zip(panels, axes):
@@ -374,20 +389,22 @@ def _spectra_figure(results: dict):
 
 def _merge_figure(results: dict):
     """Per merged method and domain: mean merge coefficient per member (bars per shot, error bars: std over tasks)."""
-    panels = [(m, d, info) for m, per in (results.get("merge") or {}).items() for d, info in per.items()
-              if info.get("coefficients")]
+    panels: dict[tuple[str, str], dict[str, dict]] = {}
+    for method, domain, shot, info in _tuned(results):
+        if info.get("coefficients"):
+            panels.setdefault((method, domain), {})[shot] = info
     if not panels:
         return None
     n_cols = min(3, len(panels))
     fig, axes = _figure(math.ceil(len(panels) / n_cols), n_cols)
     flat = [ax for row in axes for ax in row]
-    for (method, domain, info), ax in zip(panels, flat):
-        shots = sorted(info["coefficients"], key=int)
-        n_members = max(len(c) for s in shots for c in info["coefficients"][s])
-        members = (info.get("members") or [])[:n_members] or [f"member{i}" for i in range(n_members)]
+    for ((method, domain), per_shot), ax in zip(panels.items(), flat):
+        shots = list(per_shot)
+        n_members = max(len(c) for info in per_shot.values() for c in info["coefficients"])
+        members = (per_shot[shots[0]].get("members") or [])[:n_members] or [f"member{i}" for i in range(n_members)]
         width = 0.8 / len(shots)
         for k, shot in enumerate(shots):
-            means, stds = zip(*(_mean_std(col) for col in zip(*info["coefficients"][shot])))
+            means, stds = zip(*(_mean_std(col) for col in zip(*per_shot[shot]["coefficients"])))
             ax.bar([i - 0.4 + (k + 0.5) * width for i in range(len(means))], means, width, yerr=stds, capsize=3,
                    label=f"{results['protocol']['n_way']}w{shot}s")
         ax.set_xticks(range(len(members)), members, rotation=30, ha="right", fontsize="small")
@@ -399,13 +416,11 @@ def _merge_figure(results: dict):
 
 
 def _save(fig, path: Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (temp file + os.replace) and free it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``fig`` as PNG to ``path`` atomically and free it."""
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clear()
     return path
 
@@ -438,8 +453,8 @@ def _tables(results: dict) -> dict[str, str]:
             files[name] = condition_table(results, cond, shot, "csv")
             md += [f"## {cond.capitalize()}, {p['n_way']}-way {shot}-shot ([CSV]({name}))\n",
                    condition_table(results, cond, shot), ""]
-    if results.get("merge"):
-        md += ["## Merge hyperparameters (chosen on validation tasks)\n", merge_table(results), ""]
+    if results.get("tuning"):
+        md += ["## Settings chosen on validation tasks (per domain and shot)\n", merge_table(results), ""]
     files["report.md"] = "\n".join(md)
     return files
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
-from amt.config import EpisodeConfig
+from amt.config import VariableEpisodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,14 @@ class Episode:
     def n_way(self) -> int:
         return int(self.class_ids.numel())
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         return Episode(*(t.to(device) for t in (self.support_images, self.support_labels,
                                                    self.query_images, self.query_labels, self.class_ids)))
 
 
 class Sampler(Protocol):
+    """What :class:`FixedSampler` and :class:`VariableSampler` provide: one episode per call."""
+
     def sample(self) -> EpisodeIndices: ...
 
 
@@ -134,12 +137,18 @@ class VariableSampler:
     ⌊min_c n_c / 2⌋); support size = min(max_support, Σ_c ⌊β·min(max_support_per_class, n_c − q)⌋ + 1)
     with β ~ U(0, 1); class shares ∝ n_c·exp(U(log ½, log 2)), each class at least one shot and at
     most ``max_support_per_class``.
+
+    Args:
+        class_indices: dataset indices of each class (``ImageDataset.indices_by_class()``).
+        cfg: way, support and query limits.
+        generator: the only source of randomness.
+        name: used in warnings and errors.
     """
 
     def __init__(
         self,
         class_indices: Sequence[Sequence[int]],
-        cfg: EpisodeConfig,
+        cfg: VariableEpisodeConfig,
         generator: torch.Generator,
         name: str = "dataset",
     ) -> None:
@@ -181,15 +190,6 @@ class VariableSampler:
     def __iter__(self) -> Iterator[EpisodeIndices]:
         while True:
             yield self.sample()
-
-
-def build_sampler(
-    class_indices: Sequence[Sequence[int]], cfg: EpisodeConfig, generator: torch.Generator, name: str = "dataset"
-) -> Sampler:
-    """The sampler ``cfg`` describes (fixed or variable)."""
-    if cfg.variable:
-        return VariableSampler(class_indices, cfg, generator, name)
-    return FixedSampler(class_indices, cfg.n_way, cfg.n_shot, cfg.n_query, generator, name)
 
 
 def load_episode(dataset: torch.utils.data.Dataset, indices: EpisodeIndices) -> Episode:

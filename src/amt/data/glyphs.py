@@ -1,19 +1,9 @@
 """The embedded glyph benchmark: an Omniglot-like multi-domain few-shot benchmark, no download.
 
-Characters are rendered from the font files shipped inside matplotlib. A *domain* is a Unicode
-script or symbol block, a *class* is one character (code point), and the samples of a class are
-renderings of that character in different typefaces with a random affine warp, a mild elastic
-distortion and stroke-width jitter.
-
-Fonts (measured on matplotlib's bundled ``fonts/ttf``):
-
-* used: DejaVu Sans, DejaVu Sans Mono, DejaVu Serif and STIX General, four styles each (16 files);
-* ``LastResortHE``: maps every code point to a placeholder glyph — excluded;
-* ``cm*`` (Computer Modern): TeX encoding behind the Unicode table, glyphs do not depict the
-  character their code point names — excluded;
-* ``STIXSiz*`` and ``DejaVu*Display``: 17–110 code points each, all delimiters, big operators and
-  combining accents drawn as taller size variants of the same design (no new typeface) — excluded;
-* ``STIXNonUni*``: private-use glyphs only (2 non-PUA code points) — excluded.
+A *domain* is a Unicode script or symbol block, a *class* is one character (code point), and the
+samples of a class are renderings of that character in different typefaces with a random affine warp,
+a mild elastic distortion and stroke-width jitter (fonts and rendering: :mod:`amt.data.glyph_render`).
+This module finds the classes, splits them, and writes and caches the benchmark.
 
 A (font, character) pair counts only if the rendering has ink (``GlyphConfig.min_ink_pixels`` dark
 pixels at 64 px per em) and differs from the font's ``.notdef`` rendering; a character is a class
@@ -31,7 +21,6 @@ Layout on disk (``<root>`` is returned by :func:`build_glyph_benchmark`)::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -47,28 +36,26 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from fontTools.ttLib import TTFont
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 from tqdm import tqdm
 
 from amt.config import ConfigError, DomainConfig, GlyphConfig, to_dict
+from amt.data.glyph_render import (
+    EM_FRACTION,
+    FONT_FILES,
+    SUPERSAMPLE,
+    Glyph,
+    font_paths,
+    load_fonts,
+    render_glyph,
+    render_glyphs,
+    sample_distortions,
+)
 
 log = logging.getLogger(__name__)
 
 GLYPH_VERSION = "1"  # bump whenever a change alters the written images, splits or class sets
-
-FONT_FILES = tuple(
-    f"{family}{style}.ttf"
-    for family, styles in (
-        ("DejaVuSans", ("", "-Bold", "-Oblique", "-BoldOblique")),
-        ("DejaVuSansMono", ("", "-Bold", "-Oblique", "-BoldOblique")),
-        ("DejaVuSerif", ("", "-Bold", "-Italic", "-BoldItalic")),
-        ("STIXGeneral", ("", "Bol", "Italic", "BolIta")),
-    )
-    for style in styles
-)
 
 SOURCE_DOMAIN = "latin"  # the training domain; its held-out classes are the in-domain test
 # Domain rules, checked in order: inclusive code-point ranges, then Unicode-name prefixes.
@@ -87,64 +74,11 @@ DOMAIN_RULES: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[str, ...]], ..
 )
 DOMAIN_NAMES = tuple(rule[0] for rule in DOMAIN_RULES)
 
-# Rendering constants (changing any of them changes the images: bump GLYPH_VERSION).
+# Scan and build constants (SCAN_EM_PX and NOTDEF_PROBE change the class sets: bump GLYPH_VERSION).
 SCAN_EM_PX = 64  # pixels per em of the reference rendering used for the ink and duplicate checks
-SUPERSAMPLE = 2  # images are rendered at this multiple of image_size, then box-filtered down
-EM_FRACTION = (0.60, 0.75)  # em height as a fraction of the image side (random per sample)
-BASELINE_CENTRE_EM = 0.30  # the frame centre sits this many ems above the baseline (before jitter)
-ROTATION_DEG = 15.0  # rotation uniform in ±this, degrees
-SHEAR = 0.15  # horizontal shear factor uniform in ±this
-ASPECT_LOG = 0.10  # log(width/height) scale ratio uniform in ±this
-TRANSLATION_STD = 0.06  # translation std, fraction of the half-side (then clipped to stay in frame)
-ELASTIC_STD = 0.03  # elastic displacement std at the 4×4 control points, fraction of the half-side
-ELASTIC_MAX = 0.06  # elastic displacement clipped to ±this, fraction of the half-side
-ELASTIC_GRID = 4  # control points per side of the elastic displacement field
-MARGIN_PX = 2.0  # empty border around the ink, output pixels (covers dilation, filtering); plus ELASTIC_MAX
-STROKE_JITTER = (-0.5, 1.0)  # stroke jitter t: t>0 blends toward a 1-pixel dilation, t<0 toward an erosion
+NOTDEF_PROBE = 0x10FFFD  # a code point no used font maps: renders the .notdef glyph
 CLASSES_PER_BATCH = 16  # classes rendered per tensor batch (speed only; batches are fixed, so bytes are too)
 WRITER_THREADS = 4  # threads writing PNG files
-NOTDEF_PROBE = 0x10FFFD  # a code point no used font maps: renders the .notdef glyph
-
-
-@dataclass(frozen=True)
-class Glyph:
-    """One character rendered by one font at a known size, cropped to its ink.
-
-    Attributes:
-        ink: uint8 [h, w] coverage, 0 = paper, 255 = full ink.
-        left: x of the crop's left edge relative to the pen origin, pixels.
-        top: y of the crop's top edge relative to the baseline (y grows downward), pixels.
-        em_px: pixels per em of this rendering.
-        advance: horizontal advance, pixels (the centre of the advance box is the glyph's
-            horizontal reference, so position within the text cell survives: braille ⠁ vs ⠈).
-    """
-
-    ink: np.ndarray
-    left: int
-    top: int
-    em_px: int
-    advance: float
-
-    def key(self) -> tuple:
-        """Hashable identity of the rendering (pixels and placement), for duplicate detection."""
-        return (self.left, self.top, self.ink.shape, hashlib.sha1(self.ink.tobytes()).digest())
-
-
-def font_dir() -> Path:
-    """Folder of the TrueType fonts bundled with matplotlib."""
-    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-
-
-def font_paths() -> list[Path]:
-    """Paths of the fonts used (see the module docstring); fails if matplotlib lacks one."""
-    paths = [font_dir() / name for name in FONT_FILES]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"matplotlib {matplotlib.__version__} lacks bundled font(s) {missing} in {font_dir()}; "
-            f"the glyph benchmark needs them (reinstall matplotlib>=3.7)"
-        )
-    return paths
 
 
 def domain_of(code_point: int) -> str | None:
@@ -164,27 +98,6 @@ def _is_candidate(code_point: int) -> bool:
     if category[0] in "CZ" or category in ("Mn", "Me"):
         return False
     return unicodedata.normalize("NFC", char) == char
-
-
-def render_glyph(font: ImageFont.FreeTypeFont, char: str) -> Glyph | None:
-    """Render ``char`` with ``font`` (FreeType, anti-aliased) cropped to its ink; None if blank."""
-    left, top, right, bottom = font.getbbox(char, anchor="ls")
-    if right <= left or bottom <= top:
-        return None
-    image = Image.new("L", (right - left, bottom - top), 0)
-    ImageDraw.Draw(image).text((-left, -top), char, font=font, fill=255, anchor="ls")
-    ink = np.asarray(image)
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
-    if rows.size == 0:
-        return None
-    crop = np.ascontiguousarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    return Glyph(crop, int(left + cols[0]), int(top + rows[0]), int(font.size), float(font.getlength(char)))
-
-
-def _load_fonts(paths: list[Path], em_px: int) -> list[ImageFont.FreeTypeFont]:
-    """FreeType fonts at ``em_px`` pixels per em, basic layout (no shaping, deterministic)."""
-    return [ImageFont.truetype(str(p), em_px, layout_engine=ImageFont.Layout.BASIC) for p in paths]
 
 
 @dataclass(frozen=True)
@@ -208,7 +121,7 @@ def scan_classes(cfg: GlyphConfig, paths: list[Path]) -> tuple[dict[str, list[Gl
         at :data:`SCAN_EM_PX` px per em for the kept classes).
     """
     cmaps = [set(TTFont(p, lazy=True).getBestCmap()) for p in paths]
-    fonts = _load_fonts(paths, SCAN_EM_PX)
+    fonts = load_fonts(paths, SCAN_EM_PX)
     notdef = [render_glyph(f, chr(NOTDEF_PROBE)) for f in fonts]
     coverage: dict[int, list[int]] = {}
     for i, cmap in enumerate(cmaps):
@@ -281,127 +194,6 @@ def _font_schedule(fonts: tuple[int, ...], n: int, rng: np.random.Generator) -> 
     while len(out) < n:
         out += [fonts[i] for i in rng.permutation(len(fonts))]
     return out[:n]
-
-
-def sample_distortions(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random distortion parameters of ``n`` samples (see :func:`render_samples`).
-
-    Returns:
-        ``em_frac`` [n], ``theta`` [n] radians, ``shear`` [n], ``aspect`` [n] (x scale; y gets
-        1/aspect), ``translation`` [n, 2] half-sides, ``elastic`` [n, 2, 4, 4] half-sides,
-        ``stroke`` [n] in :data:`STROKE_JITTER`.
-    """
-    return {
-        "em_frac": rng.uniform(*EM_FRACTION, n),
-        "theta": np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, n)),
-        "shear": rng.uniform(-SHEAR, SHEAR, n),
-        "aspect": np.exp(rng.uniform(-ASPECT_LOG, ASPECT_LOG, n) / 2),
-        "translation": rng.normal(0.0, TRANSLATION_STD, (n, 2)),
-        "elastic": np.clip(rng.normal(0.0, ELASTIC_STD, (n, 2, ELASTIC_GRID, ELASTIC_GRID)), -ELASTIC_MAX, ELASTIC_MAX),
-        "stroke": rng.uniform(*STROKE_JITTER, n),
-    }
-
-
-def render_samples(glyphs: list[Glyph], image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Distorted renderings of ``glyphs`` (one sample each), framed and centred.
-
-    Per sample: em size uniform in :data:`EM_FRACTION` of the side (natural layout: the frame
-    centre is the advance box's centre, :data:`BASELINE_CENTRE_EM` above the baseline, so ``o``
-    stays smaller than ``O``, ``,`` lower than ``'``, braille ⠁ left of ⠈), rotation, shear,
-    aspect and translation; the glyph is shrunk and shifted only where it would leave the frame
-    (:data:`MARGIN_PX` plus the elastic bound). Then a smooth elastic field (bicubic from a 4×4
-    grid), stroke jitter (a blend toward a 3×3 dilation or erosion at 2× resolution, i.e. ±½
-    output pixel), a 2×2 box filter, and a contrast stretch that makes the darkest pixel black.
-
-    Args:
-        glyphs: N renderings (cropped ink and placement).
-        image_size: output side S, pixels.
-        rng: drives every random choice.
-
-    Returns:
-        uint8 [N, S, S], 0 = black ink, 255 = white paper.
-    """
-    return _render(glyphs, sample_distortions(len(glyphs), rng), image_size)
-
-
-def _inverse_maps(glyphs: list[Glyph], params: dict[str, np.ndarray], image_size: int) -> np.ndarray:
-    """Affine maps [N, 2, 3] from output coordinates ([-1, 1]², x right, y down) to crop pixels.
-
-    Forward: p = k·M·(x - ref)/em + t with M = rotation·shear·aspect, k = 2·em_frac shrunk so the
-    warped ink box fits inside the margin, t the nominal translation clipped to keep it inside.
-    """
-    n = len(glyphs)
-    shape = np.array([g.ink.shape[::-1] for g in glyphs], np.float64)  # [n, 2] (w, h)
-    origin = np.array([[g.left, g.top] for g in glyphs], np.float64)  # crop top-left, pixels from the pen
-    em = np.array([g.em_px for g in glyphs], np.float64)
-    advance = np.array([g.advance for g in glyphs], np.float64)
-    x_ref = np.where(advance > 0, advance / 2, origin[:, 0] + shape[:, 0] / 2)
-    ref = np.stack([x_ref, -BASELINE_CENTRE_EM * em], axis=1)  # glyph point mapped to the frame centre
-    c, s = np.cos(params["theta"]), np.sin(params["theta"])
-    rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], 1)
-    shear = np.zeros((n, 2, 2))
-    shear[:, 0, 0] = shear[:, 1, 1] = 1.0
-    shear[:, 0, 1] = params["shear"]
-    m = rot @ shear
-    m[:, :, 0] *= params["aspect"][:, None]
-    m[:, :, 1] /= params["aspect"][:, None]
-    corners = origin[:, :, None] + shape[:, :, None] * np.array([[0, 1, 0, 1], [0, 0, 1, 1]])  # [n, 2, 4]
-    warped = m @ ((corners - ref[:, :, None]) / em[:, None, None])  # em units
-    margin = 2 * MARGIN_PX / image_size + ELASTIC_MAX  # fraction of the half-side
-    extent = np.maximum(np.ptp(warped, axis=2).max(axis=1), 1e-6)
-    k = np.minimum(2 * params["em_frac"], (2 - 2 * margin) / extent)
-    lo, hi = k[:, None] * warped.min(axis=2), k[:, None] * warped.max(axis=2)
-    t = np.clip(params["translation"], -1 + margin - lo, 1 - margin - hi)
-    a = em[:, None, None] * np.linalg.inv(m) / k[:, None, None]  # x = ref + a·(p - t)
-    offset = ref - np.einsum("nij,nj->ni", a, t) - origin
-    return np.concatenate([a, offset[:, :, None]], axis=2)
-
-
-@functools.lru_cache(maxsize=4)
-def _bicubic_basis(size: int) -> torch.Tensor:
-    """[G², size²] matrix: each control point's one-hot grid upsampled bicubically (align_corners)."""
-    eye = torch.eye(ELASTIC_GRID**2).view(ELASTIC_GRID**2, 1, ELASTIC_GRID, ELASTIC_GRID)
-    return F.interpolate(eye, size=(size, size), mode="bicubic", align_corners=True).view(ELASTIC_GRID**2, -1)
-
-
-def _max3x3(x: torch.Tensor) -> torch.Tensor:
-    """3×3 maximum filter of [N, 1, H, W] (separable; outside the image counts as -inf)."""
-    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    rows = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
-    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
-
-
-def _render(glyphs: list[Glyph], params: dict[str, np.ndarray], image_size: int) -> np.ndarray:
-    """Render ``glyphs`` with the distortions ``params`` (:func:`sample_distortions`); uint8 [N, S, S]."""
-    n = len(glyphs)
-    g = image_size * SUPERSAMPLE
-    height = max(gl.ink.shape[0] for gl in glyphs)
-    width = max(gl.ink.shape[1] for gl in glyphs)
-    canvas = np.zeros((n, 1, height, width), np.float32)
-    for i, gl in enumerate(glyphs):
-        h, w = gl.ink.shape
-        canvas[i, 0, :h, :w] = gl.ink
-    canvas = torch.from_numpy(canvas) / 255.0
-    inverse = torch.from_numpy(_inverse_maps(glyphs, params, image_size)).float()
-
-    centres = (torch.arange(g, dtype=torch.float32) + 0.5) / g * 2 - 1
-    py, px = torch.meshgrid(centres, centres, indexing="ij")
-    points = torch.stack([px, py], dim=-1).expand(n, g, g, 2)  # (x, y) in [-1, 1]
-    elastic = torch.from_numpy(params["elastic"]).float().reshape(n * 2, ELASTIC_GRID**2)
-    field = (elastic @ _bicubic_basis(g)).view(n, 2, g, g)  # = bicubic upsampling, as one matmul
-    points = points + field.clamp(-ELASTIC_MAX, ELASTIC_MAX).permute(0, 2, 3, 1)
-    pix = torch.einsum("nij,nhwj->nhwi", inverse[:, :, :2], points) + inverse[:, None, None, :, 2]
-    grid = pix * (2 / torch.tensor([width, height], dtype=torch.float32)) - 1  # pixel j spans [j, j+1]
-    ink = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    t = torch.from_numpy(params["stroke"]).float().view(n, 1, 1, 1)
-    dilated = _max3x3(ink)
-    eroded = -_max3x3(-ink)
-    ink = torch.where(t > 0, (1 - t) * ink + t * dilated, (1 + t) * ink - t * eroded)
-    ink = F.avg_pool2d(ink, SUPERSAMPLE)
-    # Contrast: the darkest pixel becomes full ink, so hairlines thinned below a pixel stay visible.
-    ink = (ink / ink.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)).clamp(0, 1)
-    return (255 - torch.round(ink[:, 0] * 255)).to(torch.uint8).numpy()
 
 
 def config_hash(cfg: GlyphConfig, paths: list[Path]) -> str:
@@ -505,7 +297,7 @@ def _write_benchmark(cfg: GlyphConfig, paths: list[Path], digest: str, out: Path
     start = time.perf_counter()
     found, renders = scan_classes(cfg, paths)
     em_px = max(SCAN_EM_PX, math.ceil(SUPERSAMPLE * EM_FRACTION[1] * cfg.image_size))
-    fonts = _load_fonts(paths, em_px) if em_px != SCAN_EM_PX else None
+    fonts = load_fonts(paths, em_px) if em_px != SCAN_EM_PX else None
     splits = {
         d: split_classes(found[d], cfg, i, source=d == SOURCE_DOMAIN) for i, d in enumerate(DOMAIN_NAMES) if found[d]
     }
@@ -596,7 +388,7 @@ def _render_classes(
             cache = {i: render_glyph(fonts[i], chr(c.code_point)) for i in set(schedule)}
             glyphs += [cache[i] for i in schedule]
         params.append(sample_distortions(cfg.samples_per_class, rng))
-    return _render(glyphs, {k: np.concatenate([p[k] for p in params]) for k in params[0]}, cfg.image_size)
+    return render_glyphs(glyphs, {k: np.concatenate([p[k] for p in params]) for k in params[0]}, cfg.image_size)
 
 
 def _write_class(folder: Path, images: np.ndarray, digits: int) -> None:

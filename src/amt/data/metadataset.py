@@ -7,7 +7,7 @@ The official conversion (``meta_dataset/dataset_conversion``) writes, per datase
     <root>/<dataset>/<class_id>.index       optional: "<byte offset> <record size>" per line (tfrecord2idx)
 
 Each record is a ``tf.train.Example`` with ``image`` (encoded JPEG/PNG bytes) and ``label`` (int64, the
-global class id). :func:`load_metadataset_domain` returns an :class:`~amt.data.datasets.ImageDataset`
+global class id). :func:`load_metadataset_domain` returns an :class:`~amt.data.base.ImageDataset`
 whose items are read one record at a time (seek to a byte offset found by one scan at construction), so
 episode samplers and evaluation work on it unchanged.
 
@@ -36,15 +36,14 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import crc32c
 import numpy as np
-import torch
 from PIL import Image
 from tfrecord import example_pb2
 
-from amt.data.datasets import DataError, ImageDataset
+from amt.data.base import DataError, ImageDataset, MissingSplitError, Transform
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class MetaDatasetSpec:
     file_pattern: str = "{}.tfrecords"
 
     @classmethod
-    def load(cls, root: str | Path) -> "MetaDatasetSpec":
+    def load(cls, root: str | Path) -> MetaDatasetSpec:
         """Read ``<root>/dataset_spec.json``; a missing or malformed spec raises :class:`DataError`."""
         root = Path(root)
         path = root / "dataset_spec.json"
@@ -111,7 +110,7 @@ class MetaDatasetSpec:
         return cls.from_dict(raw, root, path)
 
     @classmethod
-    def from_dict(cls, raw: dict, root: Path, path: Path | None = None) -> "MetaDatasetSpec":
+    def from_dict(cls, raw: dict, root: Path, path: Path | None = None) -> MetaDatasetSpec:
         """Parse a flat, bi-level or hierarchical spec dict (see the module docstring)."""
         path = path or root / "dataset_spec.json"
         if not isinstance(raw, dict):
@@ -128,7 +127,8 @@ class MetaDatasetSpec:
             else:
                 images = {int(c): int(n) for c, n in ipc.items()}
                 if "classes_per_split" in raw:
-                    counts = {s: int(n) for s, n in _by_split(raw["classes_per_split"], "classes_per_split", path).items()}
+                    per_split = _by_split(raw["classes_per_split"], "classes_per_split", path)
+                    counts = {s: int(n) for s, n in per_split.items()}
                 elif "superclasses_per_split" in raw:  # bi-level (omniglot)
                     counts = _bilevel_counts(raw, path)
                 else:
@@ -236,7 +236,7 @@ class TFRecordImageDataset(ImageDataset):
         records: list[tuple[Path, int, int, int]],
         class_names: list[str],
         class_ids: list[int],
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Transform,
         cache_decoded: bool = False,
         name: str = "",
     ) -> None:
@@ -263,6 +263,11 @@ class TFRecordImageDataset(ImageDataset):
             raise DataError(f"{where}: not a tf.train.Example with an 'image' bytes feature ({exc})") from exc
         return image, label
 
+    def check_image(self, index: int) -> str | None:
+        """None: the reader has already checked every class file and scanned its record headers (each
+        record's data is CRC-checked when it is read), so there is no file per image to open."""
+        return None
+
     def load_image(self, index: int) -> Image.Image:
         """Decode image ``index`` as RGB; a corrupt record or image raises :class:`DataError` naming it."""
         if index in self._cache:
@@ -287,7 +292,7 @@ class TFRecordImageDataset(ImageDataset):
 def load_metadataset_domain(
     root: str | Path,
     split: str,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Transform,
     name: str | None = None,
     max_images_per_class: int | None = None,
     cache_decoded: bool = False,
@@ -308,7 +313,9 @@ def load_metadataset_domain(
     spec = MetaDatasetSpec.load(root)
     ids = spec.class_ids(split)
     if not ids:
-        raise DataError(f"{spec.root}: split {split!r} has no classes (classes_per_split={spec.classes_per_split})")
+        raise MissingSplitError(
+            f"{spec.root}: split {split!r} has no classes (classes_per_split={spec.classes_per_split})"
+        )
     missing = [str(spec.class_file(c)) for c in ids if not spec.class_file(c).is_file()]
     if missing:
         raise DataError(

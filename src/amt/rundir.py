@@ -1,0 +1,254 @@
+"""The run directory: file names, atomic writes, a member's weights and training state, the pool manifest,
+and loading a trained pool onto a backbone.
+
+Layout written by ``amt train --out RUN`` (``amt evaluate``/``amt demo`` add results beside it)::
+
+    RUN/config.yaml                the resolved configuration
+    RUN/pool.json                  manifest: backbone fingerprint, W_res fingerprint, configuration, members
+    RUN/member{i}/weights.safetensors   the member's kept weights (LoRA factors or full backbone) + its logit scale
+    RUN/member{i}/state.pt         resumable training state (torch.save; read with weights_only=True)
+    RUN/member{i}/metrics.jsonl    one JSON line per episode
+    RUN/member{i}/member.json      the member's manifest entry (members may be trained by separate processes)
+    RUN/results.json, results.md   evaluation results (``amt evaluate``)
+
+Every file is written through :func:`atomic_write` (temporary sibling, then ``os.replace``), so a run that
+fails or is killed never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from amt.config import ConfigError, to_yaml
+
+if TYPE_CHECKING:  # torch is imported lazily: amt.report writes through this module without importing torch
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "pool.json"
+RESULTS_FILE = "results.json"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+MEMBER_RECORD_FILE = "member.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path`` (``os.replace``), on an
+    exception it is deleted and ``path`` is left as it was.
+
+    Example: ``with atomic_write(p) as tmp: torch.save(obj, tmp)``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a resolved configuration (a config dataclass) as YAML, atomically."""
+    write_text(path, to_yaml(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# One member: weights, training state, metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def member_dir(run: Path, index: int) -> Path:
+    """Folder of pool member ``index`` (0-based) in run directory ``run``."""
+    return run / f"member{index}"
+
+
+def member_tensors(model: nn.Module, name: str | None, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A member's trained tensors as a flat CPU dict: ``lora.<layer>...`` (adapter ``name``) or
+    ``backbone.<key>`` (the full backbone, ``name=None``), plus ``head.scale`` (shape ``[1]``)."""
+    from amt.lora import adapter_state_dict
+
+    if name is not None:
+        out = {f"lora.{k}": v.detach().cpu().clone() for k, v in adapter_state_dict(model, name).items()}
+    else:
+        out = {f"backbone.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    out["head.scale"] = scale.detach().cpu().clone().reshape(1)
+    return out
+
+
+def load_member_tensors(model: nn.Module, name: str | None, tensors: dict[str, torch.Tensor]) -> float:
+    """Load tensors of :func:`member_tensors` into ``model`` strictly (adapter ``name`` or the full backbone);
+    return the member's trained logit scale."""
+    from amt.lora import load_adapter_state_dict
+
+    if name is not None:
+        load_adapter_state_dict(model, name, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    else:
+        model.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, strict=True)
+    return float(tensors["head.scale"].reshape(()))
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a member's tensors as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def load_weights(model: nn.Module, name: str | None, path: str | Path) -> float:
+    """Load a member's ``weights.safetensors`` into ``model``; return its trained logit scale."""
+    from safetensors.torch import load_file
+
+    return load_member_tensors(model, name, load_file(str(path)))
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write a resumable training state (tensors, numbers, strings only), atomically."""
+    import torch
+
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    """Read a training state without executing pickled code (``weights_only=True``)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """Append one JSON line to a member's metrics log."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, episode: int) -> None:
+    """Drop metric lines written after the checkpoint being resumed (they will be written again)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["episode"] <= episode]
+    write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# The manifest
+# ----------------------------------------------------------------------------------------------
+
+
+def write_manifest(run: Path, header: dict) -> dict:
+    """(Re)write ``pool.json`` from ``header`` and every member's ``member.json`` (members may be trained by
+    separate processes; each writes only its own record, and the manifest is assembled from all of them)."""
+    members = [json.loads(p.read_text()) for p in sorted(run.glob(f"member*/{MEMBER_RECORD_FILE}"))]
+    manifest = {**header, "members": sorted(members, key=lambda m: m["index"])}
+    write_json(run / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_manifest(run: Path) -> dict:
+    """``run/pool.json``; a missing file is a :class:`ConfigError` saying how to make it."""
+    path = run / MANIFEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: train the pool first (amt train --out {run})")
+    return json.loads(path.read_text())
+
+
+def check_fingerprint(manifest: dict, fingerprint: str, where: Path) -> None:
+    """A pool only goes onto the backbone it was trained from."""
+    if manifest["backbone_fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"{where} was trained from backbone {manifest['backbone_fingerprint']} but the configured backbone is "
+            f"{fingerprint}; use the same backbone.arch/checkpoint as the pool, or train a new pool")
+
+
+def member_names(n_eps: int, apq: bool) -> list[str]:
+    """Adapter names of a pool: one member per attack radius with APQ on; a single member for clean
+    meta-tuning (without attacks the members would differ only in their seed)."""
+    if n_eps < 1:
+        raise ConfigError("pool.eps is empty: list at least one attack radius")
+    return [f"member{i}" for i in range(n_eps if apq else 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a pool
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedPool:
+    """A trained run put onto a backbone by :func:`load_pool`."""
+
+    names: tuple[str, ...]  # adapter names in pool order; () for a full-backbone run (PMF)
+    scales: tuple[float, ...]  # each member's trained logit scale (one entry for a full-backbone run)
+
+
+def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool:
+    """Put the trained run in ``run`` (``amt train --out``) onto ``model``.
+
+    Checks, each failing with a message naming the problem and the fix: the backbone fingerprint; that every
+    member the run's configuration lists is there and finished; and (LoRA pools) that the frozen residual
+    weights W_res recomputed here by the SVD initialisation match the ones the pool was trained on. Then
+    injects the adapters with the run's own LoRA settings and loads every member's weights strictly. A
+    full-backbone run (PMF) replaces the backbone's weights instead.
+    """
+    from amt.lora import check_residual_fingerprint, inject_lora
+
+    run = Path(run)
+    manifest = read_manifest(run)
+    check_fingerprint(manifest, fingerprint, run)
+    cfg = manifest["config"]
+    members = sorted(manifest["members"], key=lambda m: m["index"])
+    expected = member_names(len(cfg["pool"]["eps"]), cfg["train"]["apq"]) if manifest["mode"] == "lora" else [None]
+    missing = [n or "member0" for n in expected if n not in {m["name"] for m in members}]
+    unfinished = [m["name"] or m["dir"] for m in members if not m.get("finished")]
+    if missing or unfinished:
+        raise ConfigError(f"{run}: member(s) {missing + unfinished} of the {len(expected)} in its configuration are "
+                          f"missing or unfinished; train them with `amt train --out {run} --resume` "
+                          f"(same --config/--set as the run)")
+    vit = getattr(model, "vit", model)
+    if manifest["mode"] == "full":  # PMF: a meta-tuned backbone, no adapters
+        scale = load_weights(model, None, run / members[0]["dir"] / WEIGHTS_FILE)
+        log.info("loaded the meta-tuned backbone of %s", run)
+        return LoadedPool((), (scale,))
+    lora = cfg["lora"]
+    names = [m["name"] for m in members]
+    inject_lora(vit, tuple(lora["targets"]), names, lora["rank"], lora["scaling"], lora["init"])
+    if "residual_fingerprint" not in manifest:
+        log.warning("%s was written before pools recorded their W_res fingerprint: cannot check that the frozen "
+                    "weights match; retrain the pool to get the check", run)
+    else:
+        try:
+            check_residual_fingerprint(vit, manifest["residual_fingerprint"], str(run))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
+    log.info("loaded pool %s: %s (logit scales %s)", run, names, ", ".join(f"{s:.2f}" for s in scales))
+    return LoadedPool(tuple(names), scales)
