@@ -43,7 +43,7 @@ class _Features(Method):
     @contextmanager
     def adapt(self, support_images, support_labels, n_way, generator):
         protos = prototypes(self.f(support_images), support_labels, n_way)
-        yield (lambda x: cosine_logits(self.f(x), protos)), TaskRecord()
+        yield (lambda x: cosine_logits(self.f(x), protos, 10.0)), TaskRecord()
 
 
 class _Chance(_Features):
@@ -274,3 +274,17 @@ def test_precision_choices_are_checked():
         precision_dtype("fp16", torch.device("cuda"), training=True)
     with pytest.raises(ConfigError, match="must be one of"):
         precision_dtype("fp8", torch.device("cpu"))
+
+
+def test_sweep_and_l2_attacks_take_their_steps_from_the_config():
+    from amt.config import AttackConfig
+    from amt.evaluate import conditions
+
+    attack = AttackConfig(eps=4 / 255, step_size=0.4 / 255, steps=10)
+    conds = conditions(EvalConfig(eps_sweep=(8 / 255,), l2_eps=(0.5,), corruptions=()), attack)
+    by_norm = {(c.attack.norm, c.headline): c.attack for c in conds if c.kind == "adversarial"}
+    assert by_norm[("l2", False)].step_size == pytest.approx(0.5 / 8.5)  # the paper's ℓ2 step
+    assert by_norm[("linf", False)].step_size == pytest.approx(0.8 / 255)  # ε/10
+    assert by_norm[("linf", True)] == attack
+    custom = conditions(EvalConfig(eps_sweep=(), l2_eps=(1.0,), l2_step_ratio=0.25, corruptions=()), attack)
+    assert [c.attack.step_size for c in custom if c.attack is not None and c.attack.norm == "l2"] == [0.25]

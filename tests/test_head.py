@@ -36,5 +36,5 @@ def test_cosine_logits_are_scaled_cosines_and_scale_invariant():
 def test_protonet_classifies_support_copies_correctly():
     g = gen(1)
     s = torch.randn(5, 16, generator=g)
-    logits = protonet_logits(s, torch.arange(5), s + 0.01 * torch.randn(5, 16, generator=g), 5)
+    logits = protonet_logits(s, torch.arange(5), s + 0.01 * torch.randn(5, 16, generator=g), 5, 10.0)
     assert logits.argmax(-1).tolist() == list(range(5))

@@ -178,20 +178,18 @@ def test_metadataset_format_through_load_domain_and_evaluation(tiny, tmp_path):
     from amt.config import EvalConfig
     from amt.evaluate import evaluate
     from amt.head import cosine_logits, prototypes
-    from amt.methods import TaskRecord
+    from amt.methods import Method, TaskRecord
 
     domain = DomainConfig("tiny", str(tiny), format="metadataset", split="test")
     ds = load_domain(domain, DataConfig(), TEST8)
     assert ds.class_names == [f"n{c:03d}" for c in range(3, 8)]
     assert load_domain(domain, DataConfig(), TEST8, split="train").class_names == ["n000", "n001"]
 
-    class Colour:  # a method that classifies by mean colour
-        tunable = False
-
+    class Colour(Method):  # a method that classifies by mean colour
         @contextmanager
         def adapt(self, s, y, n, g):
             protos = prototypes(s.mean(dim=(2, 3)), y, n)
-            yield (lambda x: cosine_logits(x.mean(dim=(2, 3)), protos)), TaskRecord()
+            yield (lambda x: cosine_logits(x.mean(dim=(2, 3)), protos, 10.0)), TaskRecord()
 
     res = evaluate({"colour": Colour()}, [(domain, ds)], EvalConfig(n_tasks=3, shots=(1,), n_query=2, corruptions=()))
     assert res["results"][0]["n_tasks"] == 3 and res["results"][0]["mean"] > 50

@@ -111,11 +111,30 @@ def test_backbone_variants():
     assert "deit_small" in _load("deit_small.yaml").backbone.checkpoint
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+EXPECTED_SWITCHES = {  # what each variant changes in the paper preset, and nothing else
+    "amt": {},
+    "apq_only": {"train.apsv": False},
+    "uniform_pool": {"pool.strategy": "uniform"},
+    "random_pool": {"pool.strategy": "random"},
+    "clean_lora": {"train.apq": False, "train.apsv": False},
+    "clean_lora_standard": {"train.apq": False, "train.apsv": False, "lora.init": "standard"},
+    "pmf": {"train.mode": "full", "train.apq": False, "train.apsv": False},
+}
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_applies_to_the_presets(variant):
+def test_every_variant_changes_exactly_its_switches_in_the_presets(variant):
+    base = _leaves(to_dict(_load("metadataset.yaml")))
     cfg = _load("metadataset.yaml", variant_overrides(variant))
-    if variant == "pmf":
-        assert cfg.train.mode == "full" and not cfg.train.apsv
+    got = _leaves(to_dict(cfg))
+    assert {k: v for k, v in got.items() if base[k] != v} == EXPECTED_SWITCHES[variant]
     # variants never touch the attack template, so the pool still attacks with 2 KL steps
     assert cfg.pool.attack.steps == 2 and cfg.pool.attack.objective == "kl"
 
@@ -141,6 +160,10 @@ def test_documented_overrides_parse():
     assert cfg.eval.shots == (1,) and cfg.merge.rho_grid == (1.0,) and cfg.train.n_shot == 5
     assert cfg.pool.attack.steps == 5 and cfg.pool.attack.objective == "kl"  # the rest of the template kept
     assert cfg.eval.corruptions == ("all",) and len(cfg.eval.eps_sweep) == 3
+
+
+def test_the_expected_switches_cover_every_variant():
+    assert set(EXPECTED_SWITCHES) == set(VARIANTS)
 
 
 @pytest.mark.parametrize("name", NAMES)

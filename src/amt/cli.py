@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from amt.config import (
     VARIANTS,
     ConfigError,
+    DomainConfig,
     ExperimentConfig,
     load_config,
     merge_dicts,
@@ -18,8 +20,8 @@ from amt.config import (
     variant_overrides,
 )
 
-# `amt data check --format`: the keys of amt.data.readers.READERS (not imported here: keeps --help fast)
-DATA_FORMATS = ("folder", "csv", "metadataset", "isic", "chestx", "filelist")
+# `amt data check --format`: the formats a domain accepts (amt.data.readers.READERS has one reader for each)
+DATA_FORMATS = typing.get_args(typing.get_type_hints(DomainConfig)["format"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +150,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from amt.config import DataConfig, DomainConfig
+    from amt.config import DataConfig
     from amt.data.domains import check_domain
 
     domain = DomainConfig(Path(args.path).stem, args.path, args.format, args.splits, args.split)

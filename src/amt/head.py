@@ -28,7 +28,7 @@ def prototypes(support_features: torch.Tensor, support_labels: torch.Tensor, n_w
     return (one_hot.T @ support_features) / counts[:, None]
 
 
-def cosine_logits(features: torch.Tensor, protos: torch.Tensor, scale: float | torch.Tensor = 10.0) -> torch.Tensor:
+def cosine_logits(features: torch.Tensor, protos: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Scaled cosine similarity: features [Q, D] × prototypes [N, D] → [Q, N] logits = scale · cos (|·| ≤ scale)."""
     cos = F.normalize(features, dim=-1, eps=1e-8) @ F.normalize(protos, dim=-1, eps=1e-8).T
     return scale * cos
@@ -39,7 +39,7 @@ def protonet_logits(
     support_labels: torch.Tensor,
     query_features: torch.Tensor,
     n_way: int,
-    scale: float | torch.Tensor = 10.0,
+    scale: float | torch.Tensor,
 ) -> torch.Tensor:
     """Query logits [Q, N] from support features [S, D], labels [S] and query features [Q, D]."""
     return cosine_logits(query_features, prototypes(support_features, support_labels, n_way), scale)

@@ -274,7 +274,7 @@ class FinetunedMethod(Method):
     fine-tuned on the support set (:func:`amt.finetune.finetuned`)."""
 
     def __init__(self, inner: BackboneMethod | PoolMethod, cfg: FinetuneConfig, augment: AugmentConfig) -> None:
-        if getattr(inner, "rule", None) == "logit_avg":
+        if isinstance(inner, PoolMethod) and inner.rule == "logit_avg":
             raise ValueError("test-time fine-tuning needs one model per task; rule 'logit_avg' has several")
         self.inner, self.cfg, self.augment = inner, cfg, augment
         self.model = inner.model

@@ -216,7 +216,7 @@ def validate(model: nn.Module, dataset: ImageDataset, tasks: list[EpisodeIndices
         e = load_episode(dataset, idx).to(device)
         n_s = len(e.support_images)
         feats = model(torch.cat([e.support_images, e.query_images]))
-        logits = cosine_logits(feats[n_s:], prototypes(feats[:n_s], e.support_labels, e.n_way))
+        logits = cosine_logits(feats[n_s:], prototypes(feats[:n_s], e.support_labels, e.n_way), 1.0)  # argmax only
         accs.append(float((logits.argmax(-1) == e.query_labels).float().mean()))
     return 100.0 * sum(accs) / max(1, len(accs))
 
