@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -115,34 +115,37 @@ def read_folder(
     return _dataset(samples, classes, transform, domain, data)
 
 
-def read_csv(
-    domain: DomainConfig,
-    data: DataConfig,
-    transform: Transform,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-) -> ImageDataset:
+Listing = tuple[list[tuple[Path, int]], list[str], Path]
+"""What a table-based format lists: (image path, label) pairs, the class names by label, and the file read."""
+
+
+def _listed(list_samples: Callable[[Path], Listing]) -> Reader:
+    """The :class:`Reader` of a format whose images are listed in a table or file (``list_samples(path)``):
+    the split's classes (or ``classes``) restrict and order the listed classes."""
+
+    def read(domain: DomainConfig, data: DataConfig, transform: Transform, split: str | None = None,
+             classes: Sequence[str] | None = None) -> ImageDataset:
+        classes = _split_classes(domain, split, classes)
+        samples, names, source = list_samples(Path(domain.path))
+        samples, names = _restrict(samples, names, classes, source)
+        return _dataset(samples, names, transform, domain, data)
+
+    read.__doc__ = list_samples.__doc__
+    return read
+
+
+def _list_csv(csv_path: Path) -> Listing:
     """A CSV (``domain.path``) with a header and columns ``path,label``; relative paths are relative to the CSV.
 
     Class names are the label values, sorted; the split's classes (or ``classes``) restrict and order them.
     """
-    classes = _split_classes(domain, split, classes)
-    csv_path = Path(domain.path)
     _, rows = _read_table(csv_path, ("path", "label"), "a CSV file with header path,label, one row per image")
     names = sorted({r["label"] for _, r in rows})
     index = {c: i for i, c in enumerate(names)}
-    samples = [(_resolve(r["path"], csv_path.parent), index[r["label"]]) for _, r in rows]
-    samples, names = _restrict(samples, names, classes, csv_path)
-    return _dataset(samples, names, transform, domain, data)
+    return [(_resolve(r["path"], csv_path.parent), index[r["label"]]) for _, r in rows], names, csv_path
 
 
-def read_isic(
-    domain: DomainConfig,
-    data: DataConfig,
-    transform: Transform,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-) -> ImageDataset:
+def _list_isic(root: Path) -> Listing:
     """ISIC 2018 Task 3 (BSCD-FSL) as distributed, under ``root`` = ``domain.path``.
 
     ``ISIC2018_Task3_Training_GroundTruth.csv`` (in ``root`` or in the zip's folder of the same
@@ -151,8 +154,6 @@ def read_isic(
     ``ISIC2018_Task3_Training_Input/<image>.jpg``. Class names are the diagnosis columns in header
     order. A row that is not exactly one-hot raises :class:`DataError` naming the file and line.
     """
-    classes = _split_classes(domain, split, classes)
-    root = Path(domain.path)
     layout = (f"{root}/{ISIC_TABLE} (header image,MEL,NV,BCC,AKIEC,BKL,DF,VASC, one-hot rows) and "
               f"{root}/{ISIC_IMAGES}/<image>.jpg")
     candidates = (root / ISIC_TABLE, root / ISIC_TABLE.removesuffix(".csv") / ISIC_TABLE)
@@ -161,17 +162,10 @@ def read_isic(
     names = [c for c in header if c != "image"]
     samples = [(root / ISIC_IMAGES / f"{r['image']}.jpg", _one_hot(r, names, f"{table} line {line}"))
                for line, r in rows]
-    samples, names = _restrict(samples, names, classes, table)
-    return _dataset(samples, names, transform, domain, data)
+    return samples, names, table
 
 
-def read_chestx(
-    domain: DomainConfig,
-    data: DataConfig,
-    transform: Transform,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-) -> ImageDataset:
+def _list_chestx(root: Path) -> Listing:
     """NIH ChestX-ray14 as BSCD-FSL uses it, under ``root`` = ``domain.path``.
 
     ``Data_Entry_2017.csv`` names each image (``Image Index``) and its findings (``Finding Labels``,
@@ -179,8 +173,6 @@ def read_chestx(
     :data:`CHESTX_CLASSES` are kept (no multi-label, "No Finding" or other findings), labelled in
     that class order. The greyscale images are converted to RGB when loaded.
     """
-    classes = _split_classes(domain, split, classes)
-    root = Path(domain.path)
     layout = (f"{root}/{CHESTX_TABLE} (columns 'Image Index', 'Finding Labels') and "
               f"{root}/images/<Image Index>")
     table = root / CHESTX_TABLE
@@ -191,17 +183,10 @@ def read_chestx(
         findings = [f.strip() for f in r["Finding Labels"].split("|")]
         if len(findings) == 1 and findings[0] in index:
             samples.append((root / "images" / r["Image Index"], index[findings[0]]))
-    samples, names = _restrict(samples, CHESTX_CLASSES, classes, table)
-    return _dataset(samples, names, transform, domain, data)
+    return samples, list(CHESTX_CLASSES), table
 
 
-def read_filelist(
-    domain: DomainConfig,
-    data: DataConfig,
-    transform: Transform,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-) -> ImageDataset:
+def _list_filelist(json_path: Path) -> Listing:
     """An FWT (Tseng et al., 2020) file list such as ``filelists/cub/novel.json`` (``domain.path``).
 
     The JSON holds ``image_names`` (paths; relative ones resolve against the JSON's folder),
@@ -209,8 +194,6 @@ def read_filelist(
     labels that occur, in sorted order, become ``0..C-1`` (novel classes are often a noncontiguous
     subset such as 100..199); their names are ``label_names[label]``, or ``str(label)`` without it.
     """
-    classes = _split_classes(domain, split, classes)
-    json_path = Path(domain.path)
     layout = ('a JSON file {"label_names": [names], "image_names": [paths], "image_labels": [ints]} '
               "(an FWT file list such as novel.json)")
     if not json_path.is_file():
@@ -239,9 +222,7 @@ def read_filelist(
     if len(set(names)) != len(names):
         raise DataError(f"{json_path}: two labels share a name in label_names; class names must be unique")
     index = {y: i for i, y in enumerate(used)}
-    samples = [(_resolve(p, json_path.parent), index[y]) for p, y in zip(paths, labels)]
-    samples, names = _restrict(samples, names, classes, json_path)
-    return _dataset(samples, names, transform, domain, data)
+    return [(_resolve(p, json_path.parent), index[y]) for p, y in zip(paths, labels)], names, json_path
 
 
 def read_metadataset(
@@ -266,6 +247,11 @@ def read_metadataset(
     return load_metadataset_domain(domain.path, split or "test", transform, name=domain.name,
                                    cache_decoded=data.cache_decoded)
 
+
+read_csv = _listed(_list_csv)
+read_isic = _listed(_list_isic)
+read_chestx = _listed(_list_chestx)
+read_filelist = _listed(_list_filelist)
 
 READERS: dict[str, Reader] = {
     "folder": read_folder,
