@@ -13,7 +13,7 @@ from amt.head import cosine_logits, prototypes
 from amt.methods import BackboneMethod, Method, TaskRecord
 from amt.report import markdown_table
 
-from conftest import gen, write_image_folder
+from conftest import write_image_folder
 
 
 def _load(domain, size, split=None):
@@ -59,21 +59,22 @@ _chance = _Chance(None)
 def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", 6, [12, 12, 12, 12, 12, 8])
     ds = _load(DomainConfig("d", str(root), in_domain=True), 8)
-    assert query_budget(ds, 5, 1, 15) == 7
+    assert query_budget(ds.indices_by_class(), 5, 1, 15) == 7
     cfg = EvalConfig(n_tasks=6, n_way=5, shots=(1, 5), n_query=15, corruptions=())
     domain = DomainConfig("d", str(root), in_domain=True)
     res = evaluate({"colour": _mean_colour, "chance": _chance}, [(domain, ds)], cfg)
     rows = {(r["method"], r["n_shot"]): r for r in res["results"]}
-    assert rows[("colour", 1)]["n_query"] == 7 and rows[("colour", 5)]["n_query"] == 3
+    # no validation classes: 20% of every class is held out for validation (12 -> 9 and 8 -> 6 test images)
+    assert rows[("colour", 1)]["n_query"] == 5 and rows[("colour", 5)]["n_query"] == 1
     assert rows[("colour", 5)]["mean"] > 90.0  # classes are separable by colour
     assert rows[("chance", 1)]["mean"] == pytest.approx(20.0)  # argmax of ties picks class 0: 1/5 of queries
-    assert "using 7 queries per class" in caplog.text
+    assert "using 5 queries per class" in caplog.text
     again = evaluate({"colour": _mean_colour}, [(DomainConfig("d", str(root), in_domain=True), ds)], cfg)
     assert again["results"][0]["accuracies"] == rows[("colour", 1)]["accuracies"]
     path = write_results(res, tmp_path / "run")
     assert json.loads(path.read_text())["results"][0]["n_tasks"] == 6
     table = (tmp_path / "run" / "results.md").read_text()
-    assert "| colour | 5w1s |" in table and "7 queries per class" in table
+    assert "| colour | 5w1s |" in table and "5 queries per class" in table
     assert markdown_table(res) in table
 
 
@@ -160,7 +161,7 @@ def _images_read_by_tuning_and_testing(glyph_greek):
     test, val = _Recording(test_set), _Recording(val_set)
     method = _Tunable(lambda x: x.mean(dim=(2, 3)))
     cfg = EvalConfig(n_tasks=20, n_way=2, shots=(1, 5), n_query=5, corruptions=(), val_tasks=20)  # 2 val classes
-    evaluate({"m": method}, [(greek, test)], cfg, None, {"greek": (val, "validation classes")})
+    evaluate({"m": method}, [(greek, test)], cfg, None, {"greek": val})
     assert len(method.tuned_on) == 2 * cfg.val_tasks  # tuned for each shot on its own tasks
     return val.read, test.read
 
@@ -183,22 +184,6 @@ def test_tuning_never_reads_a_test_image_when_the_domain_has_validation_classes(
     assert not set(test_set.class_names) & set(val_set.class_names)  # a validation split: other classes
     tuning, testing = _images_read_by_tuning_and_testing(glyph_greek)
     assert tuning and testing and not tuning & testing
-
-
-@pytest.mark.xfail(strict=True, reason="issue #7: without validation classes, tuning tasks are drawn from the test "
-                                       "classes with another seed, so they share images with the test tasks")
-def test_tuning_never_reads_a_test_image_without_validation_classes(glyph_greek):
-    greek, test_set, _, _ = glyph_greek
-    from amt.data.episodes import FixedSampler
-    from amt.evaluate import validation_seed
-
-    cfg = EvalConfig(n_tasks=20, shots=(1,), n_query=5, corruptions=(), val_tasks=20)
-    s = FixedSampler(test_set.indices_by_class(), 5, 1, 5, gen(validation_seed(0, "greek", 1)), "greek")
-    tuning = set()
-    for _ in range(cfg.val_tasks):
-        idx = s.sample()
-        tuning |= {test_set.samples[i][0] for i in torch.cat([idx.support_indices, idx.query_indices]).tolist()}
-    assert not tuning & _test_images(test_set, cfg)
 
 
 def test_validation_tasks_are_not_test_tasks_without_validation_classes(glyph_greek):
@@ -229,9 +214,10 @@ def test_tuning_runs_per_shot_on_that_shots_tasks(tmp_path):
     root = write_image_folder(tmp_path / "d", 6, 12)
     ds = _load(DomainConfig("d", str(root)), 8)
     method = _Tunable(lambda x: x.mean(dim=(2, 3)))
-    cfg = EvalConfig(n_tasks=2, shots=(1, 5), n_query=3, corruptions=(), val_tasks=3)
+    cfg = EvalConfig(n_tasks=2, shots=(1, 5), n_query=3, corruptions=(), val_tasks=3, holdout_fraction=0.5)
     res = evaluate({"m": method}, [(DomainConfig("d", str(root)), ds)], cfg)
-    assert [len(x) for x in method.tuned_on] == [5 * 1 + 5 * 3] * 3 + [5 * 5 + 5 * 3] * 3
+    # 6 held-out images per class: 1-shot tasks have 3 queries per class, 5-shot tasks 1
+    assert [len(x) for x in method.tuned_on] == [5 * 1 + 5 * 3] * 3 + [5 * 5 + 5 * 1] * 3
     assert set(res["tuning"]["m"]["d"]) == {"1", "5"}
 
 
@@ -282,7 +268,7 @@ def test_sweep_and_l2_attacks_take_their_steps_from_the_config():
 
     attack = AttackConfig(eps=4 / 255, step_size=0.4 / 255, steps=10)
     conds = conditions(EvalConfig(eps_sweep=(8 / 255,), l2_eps=(0.5,), corruptions=()), attack)
-    by_norm = {(c.attack.norm, c.headline): c.attack for c in conds if c.kind == "adversarial"}
+    by_norm = {(c.attack.norm, c.role == "headline"): c.attack for c in conds if c.kind == "adversarial"}
     assert by_norm[("l2", False)].step_size == pytest.approx(0.5 / 8.5)  # the paper's ℓ2 step
     assert by_norm[("linf", False)].step_size == pytest.approx(0.8 / 255)  # ε/10
     assert by_norm[("linf", True)] == attack

@@ -21,7 +21,7 @@ from conftest import write_image_folder
 TRAIN = ["--set", "train.episodes_per_epoch=4", "--set", "train.warmup_epochs=0.5", "--set", "train.val_every=2",
          "--set", "train.val_tasks=2", "--set", "train.n_query=2", "--set", "train.checkpoint_every=2",
          "--set", "pool.eps=[0.004, 0.03]"]
-SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_per_domain=7",
+SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_per_domain=34",
          "--set", "glyphs.samples_per_class=8", "--set", "eval.n_tasks=3", "--set", "eval.n_query=3",
          "--set", "eval.adv_tasks=2", "--set", "eval.sweep_tasks=1", "--set", "eval.eps_sweep=[0.03]",
          "--set", "eval.l2_eps=[0.5]", "--set", "eval.corruption_tasks=1", "--set", "eval.val_tasks=2",

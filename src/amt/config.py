@@ -62,11 +62,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Image augmentation: the meta-tuning transforms and the test-time pseudo-queries (merge scores, fine-tuning).
-
-    Pseudo-queries are ``pseudo_per_image`` augmented copies of each support image (docs/method.md, "Test-time
-    merging"); each copy is augmented with probability ``pseudo_prob``.
-    """
+    """Image augmentation: the meta-tuning transforms and the test-time pseudo-queries (merge scores, fine-tuning;
+    ``pseudo_per_image`` copies of each support image, each augmented with probability ``pseudo_prob``)."""
 
     hflip: bool = True  # random horizontal flip, p = 0.5 (off for glyphs: a mirrored glyph is another character)
     color_jitter: float = 0.4  # brightness/contrast/saturation factors uniform in [1 - j, 1 + j] (PMF: 0.4)
@@ -122,6 +119,9 @@ class AttackConfig:
     eps: float = 4.5 / 255  # radius of the ε-ball, pixel units (images in [0, 1]); pyramid: per-level radius
     step_size: float = 0.45 / 255  # step per iteration, pixel units (ℓ∞: ·sign(g); ℓ2: ·g/‖g‖₂ per image)
     steps: int = 10  # PGD iterations (0 = the random start only, or the clean input without it)
+    # evaluation: independent random starts; a query counts as robust only if it is classified correctly at every
+    # iterate of every restart (the worst case). Training attacks use one start and keep the final iterate.
+    restarts: int = 1
     random_start: bool = True  # ℓ∞: δ ~ U[-eps, eps]; ℓ2: δ uniform in the ε-ball
     objective: Literal["ce", "kl"] = "ce"  # "ce" (labels; evaluation) | "kl" (KL(p_clean ‖ p_adv); training)
     pyramid: bool = False  # the authors' multi-scale perturbation instead of per-pixel PGD
@@ -168,6 +168,44 @@ class EvalConfig:
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # corruption severities
     corruption_tasks: int = 100  # tasks (of the n_tasks) evaluated under every corruption
     val_tasks: int = 50  # validation tasks per domain and shot for tuning (>= 1 when a method has a grid)
+    # a domain without validation classes holds out this fraction of every class's images (fixed, seeded) for
+    # its validation tasks; test tasks never use them
+    holdout_fraction: float = 0.2
+    reference: str | None = "PM"  # method the paired differences are taken against (None: no differences)
+
+
+@dataclass(frozen=True)
+class AutoAttackConfig:
+    """AutoAttack for few-shot tasks (``amt.autoattack``), run on the final per-task model, ℓ∞ at the headline ε.
+
+    ``"apgd"``: APGD-CE then APGD-T (targeted DLR, every one of the n_way − 1 other classes as a target);
+    ``"standard"``: the reference ensemble, APGD-CE, APGD-T, FAB-T (n_way − 1 targets) and Square. A query
+    counts as robust only if no attack of the ensemble flips it.
+    """
+
+    version: Literal["none", "apgd", "standard"] = "none"  # "none": not run
+    steps: int = 100  # iterations of APGD and FAB (the reference AutoAttack's 100)
+    restarts: int = 1  # restarts of APGD-CE (the reference: 1 in "standard")
+    square_queries: int = 5000  # queries of the Square attack ("standard")
+    n_tasks: int = 100  # tasks (of eval.n_tasks) attacked
+    methods: tuple[str, ...] = ()  # evaluated methods attacked (names); () = every method
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Gradient-masking checks per method, domain and shot, on the first ``n_tasks`` tasks (``amt.evaluate``).
+
+    Flags in ``results.json`` (true = a sign of masking): robust accuracy rises with ε beyond ``tolerance``;
+    not near 0 (above ``tolerance``) at ``large_eps``; ``many_steps`` PGD steps better for the model than the
+    headline's beyond ``tolerance``; the black-box Square attack stronger than the white-box attacks beyond
+    ``tolerance``; zero input gradients for some query.
+    """
+
+    n_tasks: int = 0  # tasks checked (0: no checks)
+    large_eps: float = 64 / 255  # ℓ∞ radius at which robust accuracy must be near 0, pixel units
+    many_steps: int = 50  # PGD steps of the "more steps" check (the headline attack's step size and ε)
+    square_queries: int = 1000  # queries of the black-box Square check
+    tolerance: float = 2.0  # accuracy points allowed for noise in every check
 
 
 @dataclass(frozen=True)
@@ -300,6 +338,8 @@ class ExperimentConfig:
     # backbone autocast: "fp32" | "bf16" (CPU or CUDA) | "fp16" (CUDA, evaluation only)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     attack: AttackConfig = field(default_factory=AttackConfig)  # evaluation attack (the headline PGD)
+    autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)  # AutoAttack rows (off by default)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # gradient-masking checks (off by default)
     merge: MergeConfig = field(default_factory=MergeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     methods: tuple[MethodConfig, ...] = (MethodConfig(),)  # rows evaluated by `amt evaluate`

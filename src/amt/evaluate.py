@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from amt.attacks import adversarial_queries
-from amt.config import AttackConfig, ConfigError, DomainConfig, EvalConfig
+from amt.conditions import Condition, conditions, corrupted_queries, measure, task_generator
+from amt.config import AttackConfig, AutoAttackConfig, ConfigError, DomainConfig, EvalConfig, MaskingConfig
 from amt.data.base import ImageDataset
-from amt.data.episodes import Episode, FixedSampler, load_episode
+from amt.data.episodes import Episode, EpisodeError, FixedSampler, load_episode
 from amt.distributed import gather_by_index, is_main, shard
-from amt.methods import LogitsFn, Method, accuracy
+from amt.masking import masking_flags
+from amt.methods import Method
 from amt.rundir import RESULTS_FILE, write_json, write_text
+from amt.stats import mean_ci95
 
 log = logging.getLogger(__name__)
 
@@ -46,173 +48,86 @@ def validation_seed(seed: int, domain: str, n_shot: int) -> int:
     return task_seed(seed + 1_000_000, domain, n_shot)
 
 
-def mean_ci95(accuracies: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width 1.96·std/√T of per-task accuracies (same unit as input)."""
-    t = torch.tensor(list(accuracies), dtype=torch.float64)
-    if t.numel() == 0:
-        return float("nan"), float("nan")
-    std = float(t.std(unbiased=False)) if t.numel() > 1 else 0.0
-    return float(t.mean()), 1.96 * std / math.sqrt(t.numel())
-
-
-def query_budget(dataset: ImageDataset, n_way: int, n_shot: int, n_query: int) -> int:
+def query_budget(class_indices: Sequence[Sequence[int]], n_way: int, n_shot: int, n_query: int) -> int:
     """Queries per class the domain can afford: ``n_query``, or fewer where classes are small.
 
     Classes with fewer than ``n_shot + 1`` images are left out (with a warning) by the sampler; the
     budget is then capped by the smallest remaining class so every class gives the same count.
     """
-    sizes = sorted((len(c) for c in dataset.indices_by_class() if len(c) > n_shot), reverse=True)
+    sizes = sorted((len(c) for c in class_indices if len(c) > n_shot), reverse=True)
     if len(sizes) < n_way:
         return n_query  # the sampler raises the explanatory error
     return max(1, min(n_query, sizes[-1] - n_shot))
 
 
+def holdout_split(class_indices: Sequence[Sequence[int]], fraction: float,
+                  seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Split every class's image indices into (validation, test) parts: a fixed, seeded ``fraction`` of each
+    class (rounded up; none of a class with a single image) is held out for validation tasks only.
+
+    Returns ``(validation indices by class, test indices by class)``; the two never share an index.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"eval.holdout_fraction must be in (0, 1), got {fraction}")
+    val, test = [], []
+    for c, idx in enumerate(class_indices):
+        idx = list(idx)
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 7919 + c)).tolist()
+        k = math.ceil(fraction * len(idx)) if len(idx) > 1 else 0
+        val.append(sorted(idx[i] for i in perm[:k]))
+        test.append(sorted(idx[i] for i in perm[k:]))
+    return val, test
+
+
 # ----------------------------------------------------------------------------------------------
-# Conditions
+# Tasks
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One way of presenting the queries: clean, attacked, or corrupted."""
+class TaskSource:
+    """Where a domain's tasks come from: a dataset and the image indices of each class that may be used."""
 
-    kind: str  # "clean" | "adversarial" | "corruption"
-    n_tasks: int  # evaluated on tasks t < n_tasks
-    attack: AttackConfig | None = None
-    headline: bool = False
-    corruption: str | None = None
-    severity: int = 0
+    dataset: ImageDataset
+    class_indices: list[list[int]]
+    description: str  # how the tasks relate to the test tasks (validation sources)
 
-    def key(self) -> tuple:
-        if self.kind == "adversarial":
-            return (self.kind, self.attack.norm, round(self.attack.eps, 10), self.headline)
-        return (self.kind, self.corruption, self.severity)
-
-    def describe(self) -> dict:
-        row: dict = {"condition": self.kind}
-        if self.kind == "adversarial":
-            a = self.attack
-            row["attack"] = {"norm": a.norm, "eps": a.eps, "step_size": a.step_size, "steps": a.steps,
-                             "objective": a.objective, "headline": self.headline}
-        if self.kind == "corruption":
-            row["corruption"] = {"name": self.corruption, "severity": self.severity}
-        return row
+    @classmethod
+    def whole(cls, dataset: ImageDataset, description: str = "test classes") -> TaskSource:
+        return cls(dataset, dataset.indices_by_class(), description)
 
 
-def conditions(cfg: EvalConfig, attack: AttackConfig) -> list[Condition]:
-    """Every condition of the protocol, in reporting order. The ε sweep and ℓ2 attacks reuse the headline
-    attack's settings with their own radius and step ``ratio · ε`` (``sweep_step_ratio``, ``l2_step_ratio``)."""
-    out = [Condition("clean", cfg.n_tasks)]
-    if cfg.adversarial:
-        out.append(Condition("adversarial", min(cfg.adv_tasks, cfg.n_tasks), attack, headline=True))
-        for eps in cfg.eps_sweep:
-            if not math.isclose(eps, attack.eps) or attack.norm != "linf":
-                sweep = dataclasses.replace(attack, norm="linf", eps=eps, step_size=cfg.sweep_step_ratio * eps)
-                out.append(Condition("adversarial", min(cfg.sweep_tasks, cfg.n_tasks), sweep))
-        for eps in cfg.l2_eps:
-            l2 = dataclasses.replace(attack, norm="l2", eps=eps, step_size=cfg.l2_step_ratio * eps)
-            out.append(Condition("adversarial", min(cfg.sweep_tasks, cfg.n_tasks), l2))
-    names = corruption_names(cfg.corruptions)
-    for name in names:
-        for severity in cfg.severities:
-            out.append(Condition("corruption", min(cfg.corruption_tasks, cfg.n_tasks), corruption=name,
-                                 severity=severity))
-    return out
-
-
-def corruption_names(requested: Sequence[str]) -> list[str]:
-    if not requested:
-        return []
-    from amt.corruptions import CORRUPTIONS
-
-    names = list(CORRUPTIONS) if tuple(requested) == ("all",) else list(requested)
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown:
-        raise ValueError(f"unknown corruption(s) {unknown}; choose from {list(CORRUPTIONS)} or ['all']")
-    return names
-
-
-def task_generator(base: int, t: int, salt: int) -> torch.Generator:
-    """A fresh generator for one use (``salt``) of task ``t`` of the stream seeded ``base``."""
-    return torch.Generator().manual_seed((base * 1_000_003 + t * 7919 + salt) & 0x7FFFFFFFFFFF)
-
-
-def corrupted_queries(episode: Episode, conds: Sequence[Condition], t: int,
-                      base_seed: int) -> dict[tuple, torch.Tensor]:
-    """The corrupted query images of task ``t`` for every corruption condition it takes part in."""
-    from amt.corruptions import corrupt
-
-    out = {}
-    for i, c in enumerate(conds):
-        if c.kind == "corruption" and t < c.n_tasks:
-            generator = task_generator(base_seed, t, 100 + i)
-            out[c.key()] = corrupt(episode.query_images, c.corruption, c.severity, generator)
-    return out
-
-
-def evaluate_task(
-    logits_fn: LogitsFn, episode: Episode, conds: Sequence[Condition], t: int, base_seed: int,
-    corrupted: Mapping[tuple, torch.Tensor],
-) -> dict[tuple, float]:
-    """Accuracy (%) of one adapted model on task ``t`` under every condition that includes the task."""
-    out: dict[tuple, float] = {}
-    q, y = episode.query_images, episode.query_labels
-    for i, c in enumerate(conds):
-        if t >= c.n_tasks:
-            continue
-        if c.kind == "clean":
-            with torch.no_grad():
-                out[c.key()] = accuracy(logits_fn(q), y)
-        elif c.kind == "adversarial":
-            x_adv = adversarial_queries(c.attack, logits_fn, q, labels=y, generator=task_generator(base_seed, t, i))
-            with torch.no_grad():
-                out[c.key()] = accuracy(logits_fn(x_adv), y)
-        else:
-            with torch.no_grad():
-                out[c.key()] = accuracy(logits_fn(corrupted[c.key()]), y)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Tuning on validation tasks
-# ----------------------------------------------------------------------------------------------
-
-
-def validation_tasks(dataset: ImageDataset, n_way: int, n_shot: int, n_query: int, n_tasks: int,
-                     seed: int, device: torch.device | str = "cpu") -> list[Episode]:
-    """``n_tasks`` seeded episodes of ``dataset`` (the validation classes, or the test classes with the
-    validation seed), loaded onto ``device``."""
-    sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query,
-                           torch.Generator().manual_seed(seed), dataset.name + " (validation)")
-    return [load_episode(dataset, sampler.sample()).to(device) for _ in range(n_tasks)]
-
-
-# ----------------------------------------------------------------------------------------------
-# The evaluation loop
-# ----------------------------------------------------------------------------------------------
+def load_tasks(source: TaskSource, n_way: int, n_shot: int, n_query: int, n_tasks: int, seed: int,
+               device: torch.device | str = "cpu") -> list[Episode]:
+    """``n_tasks`` seeded episodes drawn from ``source``, loaded onto ``device`` (validation tasks)."""
+    sampler = FixedSampler(source.class_indices, n_way, n_shot, n_query, torch.Generator().manual_seed(seed),
+                           source.dataset.name + " (validation)")
+    return [load_episode(source.dataset, sampler.sample()).to(device) for _ in range(n_tasks)]
 
 
 def evaluate_domain(
-    methods: Mapping[str, Method], dataset: ImageDataset, n_way: int, n_shot: int, n_query: int,
-    conds: Sequence[Condition], generator: torch.Generator, base_seed: int, desc: str = "",
-    device: torch.device | str = "cpu",
+    methods: Mapping[str, Method], source: TaskSource, n_way: int, n_shot: int, n_query: int,
+    conds: Sequence[Condition], base_seed: int, desc: str = "", device: torch.device | str = "cpu",
 ) -> tuple[dict[str, dict[tuple, list[float]]], dict[str, list]]:
-    """Per-task accuracies ``{method: {condition key: [acc, ...]}}`` and per-task records of every method."""
+    """Per-task values ``{method: {condition key: [%, ...]}}`` and per-task records of every method, on the task
+    stream seeded ``base_seed``."""
     n_tasks = max(c.n_tasks for c in conds)
-    sampler = FixedSampler(dataset.indices_by_class(), n_way, n_shot, n_query, generator, dataset.name)
+    sampler = FixedSampler(source.class_indices, n_way, n_shot, n_query, torch.Generator().manual_seed(base_seed),
+                           source.dataset.name)
     mine = set(shard(n_tasks))
     per_task: dict[int, tuple[dict, dict]] = {}
     for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
         indices = sampler.sample()  # every rank draws every task, so the task stream is the same
         if t not in mine:
             continue
-        episode = load_episode(dataset, indices).to(device)
+        episode = load_episode(source.dataset, indices).to(device)
         corrupted = corrupted_queries(episode, conds, t, base_seed)
         task_accs, task_records = {}, {}
         for name, method in methods.items():
             with method.adapt(episode.support_images, episode.support_labels, episode.n_way,
                               task_generator(base_seed, t, 0)) as (logits_fn, record):
-                task_accs[name] = evaluate_task(logits_fn, episode, conds, t, base_seed, corrupted)
+                task_accs[name] = {c.key(): measure(c, logits_fn, episode, t, base_seed, i, corrupted, method.model)
+                                   for i, c in enumerate(conds) if c.applies_to(name, t)}
             task_records[name] = record
         per_task[t] = (task_accs, task_records)
     per_task = gather_by_index(per_task)
@@ -227,27 +142,36 @@ def evaluate_domain(
     return accs, records
 
 
+# ----------------------------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------------------------
+
+
 def evaluate(
     methods: Mapping[str, Method],
     domains: Sequence[tuple[DomainConfig, ImageDataset]],
     cfg: EvalConfig,
     attack: AttackConfig | None = None,
-    validation: Mapping[str, tuple[ImageDataset, str]] | None = None,
+    validation: Mapping[str, ImageDataset] | None = None,
     device: torch.device | str = "cpu",
+    autoattack: AutoAttackConfig | None = None,
+    masking: MaskingConfig | None = None,
 ) -> dict:
     """Evaluate every method on every domain and shot setting of ``cfg``.
 
     Args:
         attack: the headline attack (None: no adversarial conditions).
-        validation: per domain name, (dataset, description) of the validation tasks used to tune the
-            methods that have hyper-parameters; tasks come from a different class split or, failing
-            that, a different seed, so they never coincide with test tasks.
+        validation: per domain name, the dataset of its validation classes. A domain without one holds out
+            ``eval.holdout_fraction`` of every class's images for its validation tasks, and its test tasks
+            never use them; either way no test image is ever used for tuning.
         device: where episodes are put (the methods' models must be there).
-    Returns a JSON-ready dict: ``{"protocol", "seconds", "results": [row, ...], "tuning": {...}}`` with a row
-    per (method, domain, shot, condition): ``method, domain, in_domain, n_way, n_shot, n_query, n_tasks,
-    condition, [attack | corruption], mean, ci95, accuracies`` (accuracies in %), and per tunable method,
-    domain and shot what its tuning chose (``tuning[method][domain][shot]``, with the per-task merge
-    coefficients of the test tasks).
+        autoattack, masking: the AutoAttack rows and the gradient-masking checks (None: not run).
+    Returns a JSON-ready dict: ``{"protocol", "seconds", "results": [row, ...], "tuning": {...},
+    "masking": {...}}`` with a row per (method, domain, shot, condition): ``method, domain, in_domain, n_way,
+    n_shot, n_query, n_tasks, condition, [attack | corruption], mean, ci95, accuracies`` (per-task %, in task
+    order: methods are compared task by task), per tunable method, domain and shot what its tuning chose
+    (``tuning[method][domain][shot]``, with the per-task merge coefficients of the test tasks), and the
+    masking flags (``masking[method][domain][shot]``, :func:`amt.masking.masking_flags`).
     """
     tunable = [name for name, m in methods.items() if m.tunable]
     if tunable and cfg.val_tasks < 1:
@@ -255,29 +179,33 @@ def evaluate(
                           "eval.val_tasks >= 1, or give their grids (merge.*_grid, finetune.lr_grid) a single value")
     if attack is None:
         cfg = dataclasses.replace(cfg, adversarial=False)
-    conds = conditions(cfg, attack or AttackConfig())
-    rows, tuning = [], {}
+    conds = conditions(cfg, attack, autoattack, masking, list(methods))
+    rows, tuning, flags = [], {}, {}
     start = time.perf_counter()
     for domain, dataset in domains:
+        test, val = _sources(domain, dataset, (validation or {}).get(domain.name), cfg)
         for shot in cfg.shots:
-            tuned = _tune(methods, domain, dataset, shot, cfg, validation, device)
-            n_query = query_budget(dataset, cfg.n_way, shot, cfg.n_query)
+            tuned = _tune(methods, domain, val, shot, cfg, device) if tunable else {}
+            n_query = query_budget(test.class_indices, cfg.n_way, shot, cfg.n_query)
             if n_query < cfg.n_query:
                 log.warning("%s %d-shot: classes are small, using %d queries per class instead of %d",
                             domain.name, shot, n_query, cfg.n_query)
             seed = task_seed(cfg.seed, domain.name, shot)
-            accs, records = evaluate_domain(methods, dataset, cfg.n_way, shot, n_query, conds,
-                                            torch.Generator().manual_seed(seed), seed,
+            accs, records = evaluate_domain(methods, test, cfg.n_way, shot, n_query, conds, seed,
                                             desc=f"{domain.name} {cfg.n_way}w{shot}s", device=device)
             for method, per_cond in accs.items():
                 for c in conds:
                     a = per_cond[c.key()]
-                    mean, ci = mean_ci95(a)
-                    rows.append(dict(method=method, domain=domain.name, in_domain=domain.in_domain, n_way=cfg.n_way,
-                                     n_shot=shot, n_query=n_query, n_tasks=len(a), **c.describe(), mean=mean,
-                                     ci95=ci, accuracies=a))
+                    if a:
+                        mean, ci = mean_ci95(a)
+                        rows.append(dict(method=method, domain=domain.name, in_domain=domain.in_domain,
+                                         n_way=cfg.n_way, n_shot=shot, n_query=n_query, n_tasks=len(a),
+                                         **c.describe(), mean=mean, ci95=ci, accuracies=a))
                 log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot,
                          *mean_ci95(per_cond[conds[0].key()]))
+                if masking is not None and masking.n_tasks > 0 and attack is not None:
+                    flags.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = masking_flags(
+                        {c: per_cond[c.key()] for c in conds}, masking)
             for method, info in tuned.items():
                 coeffs = [r.coefficients for r in records[method] if r.coefficients is not None]
                 tuning.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = (
@@ -285,28 +213,46 @@ def evaluate(
     return {
         "protocol": {"n_way": cfg.n_way, "shots": list(cfg.shots), "n_query": cfg.n_query, "n_tasks": cfg.n_tasks,
                      "seed": cfg.seed, "adv_tasks": cfg.adv_tasks, "sweep_tasks": cfg.sweep_tasks,
-                     "corruption_tasks": cfg.corruption_tasks, "val_tasks": cfg.val_tasks},
+                     "corruption_tasks": cfg.corruption_tasks, "val_tasks": cfg.val_tasks,
+                     "holdout_fraction": cfg.holdout_fraction, "reference": cfg.reference},
         "seconds": time.perf_counter() - start,
         "results": rows,
         "tuning": tuning,
+        "masking": flags,
     }
 
 
-def _tune(methods: Mapping[str, Method], domain: DomainConfig, dataset: ImageDataset, shot: int, cfg: EvalConfig,
-          validation: Mapping[str, tuple[ImageDataset, str]] | None, device: torch.device | str) -> dict[str, dict]:
+def _sources(domain: DomainConfig, dataset: ImageDataset, val_set: ImageDataset | None,
+             cfg: EvalConfig) -> tuple[TaskSource, TaskSource]:
+    """(test source, validation source) of a domain: its validation classes when it has them, else a held-out
+    part of every test class's images (removed from the test source)."""
+    if val_set is not None:
+        return TaskSource.whole(dataset), TaskSource.whole(val_set, "validation classes")
+    val, test = holdout_split(dataset.indices_by_class(), cfg.holdout_fraction, task_seed(cfg.seed, domain.name, 0))
+    how = f"held-out images of the test classes ({cfg.holdout_fraction:g} of each class, never in a test task)"
+    return TaskSource(dataset, test, "test classes"), TaskSource(dataset, val, how)
+
+
+def _tune(methods: Mapping[str, Method], domain: DomainConfig, source: TaskSource, shot: int, cfg: EvalConfig,
+          device: torch.device | str) -> dict[str, dict]:
     """Tune every tunable method for one domain and shot on its validation tasks; {method: what was chosen}."""
-    tunable = {n: m for n, m in methods.items() if m.tunable}
-    if not tunable:
-        return {}
-    val_set, how = (validation or {}).get(domain.name, (dataset, "test classes, different seed"))
     seed = validation_seed(cfg.seed, domain.name, shot)
-    tasks = validation_tasks(val_set, cfg.n_way, shot, query_budget(val_set, cfg.n_way, shot, cfg.n_query),
-                             cfg.val_tasks, seed, device)
+    n_query = query_budget(source.class_indices, cfg.n_way, shot, cfg.n_query)
+    try:
+        tasks = load_tasks(source, cfg.n_way, shot, n_query, cfg.val_tasks, seed, device)
+    except EpisodeError as exc:
+        if source.description == "validation classes":
+            raise
+        raise EpisodeError(f"{exc}. {domain.name} has no validation classes, so its validation tasks come from "
+                           f"{cfg.holdout_fraction:g} of each class's images: raise eval.holdout_fraction, give the "
+                           "domain a splits file with a 'val' split, or evaluate fewer shots") from exc
     out = {}
-    for name, method in tunable.items():
-        out[name] = {"validation_tasks": how, **method.tune(tasks, lambda t: task_generator(seed, t, 1))}
-        log.info("%s %s %d-shot: tuned %s on %d validation tasks", name, domain.name, shot,
-                 {k: v for k, v in out[name].items() if k in ("chosen", "finetune")}, len(tasks))
+    for name, method in methods.items():
+        if method.tunable:
+            chosen = method.tune(tasks, lambda t: task_generator(seed, t, 1))
+            out[name] = {"validation_tasks": source.description, **chosen}
+            log.info("%s %s %d-shot: tuned %s on %d validation tasks", name, domain.name, shot,
+                     {k: v for k, v in out[name].items() if k in ("chosen", "finetune")}, len(tasks))
     return out
 
 

@@ -63,9 +63,10 @@ class TaskRecord:
 
 
 class Method(ABC):
-    """One evaluated row. Subclasses set ``model`` (the backbone the per-task model lives on)."""
+    """One evaluated row. Subclasses set ``model`` (the backbone the per-task model lives on; attacks that
+    need a module, such as AutoAttack's, use it for the device and the eval mode)."""
 
-    model: nn.Module
+    model: nn.Module | None = None
 
     @property
     def tunable(self) -> bool:

@@ -135,14 +135,15 @@ def pool_spectra(methods: dict[str, Method]) -> dict:
     return out
 
 
-def validation_sets(domains: list[tuple[DomainConfig, ImageDataset]], cfg: ExperimentConfig) -> dict:
-    """Per domain: (validation dataset, description). A domain's validation classes when it has enough of
-    them, else its test classes (the evaluation then draws them with a different seed)."""
+def validation_sets(domains: list[DomainConfig], cfg: ExperimentConfig) -> dict[str, ImageDataset]:
+    """Per domain name: the dataset of its validation classes, for the domains that have at least n_way of them
+    (the others hold out images of their test classes: :func:`amt.evaluate.evaluate`)."""
     transform = build_transform(cfg.backbone.image_size, cfg.data, cfg.augment, train=False)
     out = {}
-    for d, dataset in domains:
+    for d in domains:
         val = validation_set(d, cfg.data, transform, cfg.eval.n_way)
-        out[d.name] = (val, "validation classes") if val is not None else (dataset, "test classes, different seed")
+        if val is not None:
+            out[d.name] = val
     return out
 
 
@@ -161,9 +162,9 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
             method.model.to(device).autocast_dtype = dtype
         domains = [(d, domain_dataset(cfg, d)) for d in cfg.domains]
         tunable = any(m.tunable for m in methods.values())
-        validation = validation_sets(domains, cfg) if tunable else {}
+        validation = validation_sets(cfg.domains, cfg) if tunable else {}
         results = evaluate(methods, domains, cfg.eval, cfg.attack if cfg.eval.adversarial else None, validation,
-                           device=device)
+                           device=device, autoattack=cfg.autoattack, masking=cfg.masking)
         results["device"] = str(device)
         results["precision"] = cfg.precision
         results["processes"] = world()[0]

@@ -1,68 +1,24 @@
-"""Reports rendered from results files: Markdown/CSV tables shaped like the AMT paper's, and PNG figures.
+"""Reports rendered from results files: Markdown/CSV tables shaped like the AMT paper's, with paired differences
+to a reference method, and the PNG figures of :mod:`amt.figures`.
 
-Imports no torch, and matplotlib only inside the figure functions (the Agg canvas, no pyplot state), so a
-report is re-made from ``results.json`` alone without re-running anything. Accuracies are in %; ε is in pixel
-units of [0, 1] images (ℓ∞ ε is shown ×255).
+Imports no torch, so a report is re-made from ``results.json`` alone without re-running anything. Accuracies
+are in %; ε is in pixel units of [0, 1] images (ℓ∞ ε is shown ×255).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from amt.rundir import atomic_write
+from amt.figures import FIGURES, figures
+from amt.results import CONDITIONS, MISSING, condition_of, domains_of, load_results, select, tuned
+from amt.stats import Estimate, combine, mean_ci95, paired_difference
 
-CONDITIONS = ("clean", "adversarial", "corruption")
-FIGURES = ("accuracy_vs_eps.png", "corruptions.png", "spectra.png", "merge_coefficients.png")
-ROW_KEYS = ("method", "domain", "in_domain", "n_shot", "mean", "ci95")
-MISSING = "—"
-
-
-def load_results(path: str | Path) -> dict:
-    """Read a results file; ValueError naming the file and the key when a required key is missing."""
-    path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    for key in ("protocol", "results"):
-        if not isinstance(results, dict) or key not in results:
-            raise ValueError(f"{path}: missing top-level key {key!r}; is this a results.json from `amt evaluate`?")
-    for i, row in enumerate(results["results"]):
-        extra = {"adversarial": ("attack",), "corruption": ("corruption",)}.get(condition_of(row), ())
-        for key in (*ROW_KEYS, *extra):
-            if key not in row:
-                raise ValueError(f"{path}: results[{i}] lacks key {key!r}")
-    if "n_way" not in results["protocol"]:
-        raise ValueError(f"{path}: missing key 'protocol.n_way'")
-    return results
-
-
-def condition_of(row: dict) -> str:
-    """A row's condition: "clean" (also when the key is missing), "adversarial" or "corruption"."""
-    return row.get("condition", "clean")
-
-
-def _mean_std(values) -> tuple[float, float]:
-    """Mean and population standard deviation (same unit as the values); NaN for none."""
-    xs = [float(v) for v in values]
-    if not xs:
-        return float("nan"), float("nan")
-    mean = sum(xs) / len(xs)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
-
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and 95% CI half-width 1.96·σ/√T (population σ) of T per-task accuracies (%), as amt.evaluate's."""
-    values = list(values)
-    mean, std = _mean_std(values)
-    return mean, 1.96 * std / math.sqrt(len(values)) if values else float("nan")
+SHORT = {"clean": "Clean", "adversarial": "PGD", "autoattack": "AA", "corruption": "Corr"}
 
 
 def markdown_table(results: dict) -> str:
@@ -124,12 +80,6 @@ def training_table(manifest: dict) -> str:
 # ---------------------------------------------------------------- cells and averages
 
 
-def _select(results: dict, cond: str, n_shot: int | None = None) -> list[dict]:
-    """Rows of one condition (adversarial: the headline attack only), of one shot unless ``n_shot`` is None."""
-    rows = [r for r in results["results"] if condition_of(r) == cond and n_shot in (None, r["n_shot"])]
-    return [r for r in rows if r["attack"].get("headline")] if cond == "adversarial" else rows
-
-
 def _per_task_mean(rows: list[dict]) -> list[float]:
     """Task t's accuracy (%) averaged over rows (corruption names × severities) of one method and domain."""
     lengths = {len(r["accuracies"]) for r in rows}
@@ -139,20 +89,48 @@ def _per_task_mean(rows: list[dict]) -> list[float]:
     return [sum(accs) / len(rows) for accs in zip(*(r["accuracies"] for r in rows))]
 
 
+def _per_task(results: dict, cond: str, n_shot: int) -> dict[tuple[str, str], list[float]]:
+    """(method, domain) → per-task accuracies (%) of one condition and shot; a corruption cell averages each task
+    over all corruption names and severities present."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in select(results, cond, n_shot):
+        groups.setdefault((r["method"], r["domain"]), []).append(r)
+    return {k: _per_task_mean(rs) if cond == "corruption" else list(rs[0]["accuracies"]) for k, rs in groups.items()}
+
+
 def _cells(results: dict, cond: str, n_shot: int) -> dict[tuple[str, str], tuple[float, float]]:
     """(method, domain) → (mean, ci95) in %. A corruption cell averages each task over all corruption names and
     severities present, then takes the mean and CI over tasks."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in _select(results, cond, n_shot):
-        groups.setdefault((r["method"], r["domain"]), []).append(r)
     if cond == "corruption":
-        return {k: mean_ci95(_per_task_mean(rs)) for k, rs in groups.items()}
-    return {k: (rs[0]["mean"], rs[0]["ci95"]) for k, rs in groups.items()}
+        return {k: mean_ci95(v) for k, v in _per_task(results, cond, n_shot).items()}
+    return {(r["method"], r["domain"]): (r["mean"], r["ci95"]) for r in select(results, cond, n_shot)}
 
 
-def _domains(rows) -> dict[str, bool]:
-    """Domain → in-domain flag, in order of first appearance."""
-    return {r["domain"]: r["in_domain"] for r in rows}
+def reference_of(results: dict) -> str | None:
+    """The method paired differences are taken against (``protocol.reference``), if it was evaluated."""
+    ref = results["protocol"].get("reference")
+    return ref if ref in {r["method"] for r in results["results"]} else None
+
+
+def _differences(results: dict, cond: str, n_shot: int, reference: str) -> dict[tuple[str, str], Estimate]:
+    """(method, domain) → paired difference method − reference over the tasks both were measured on."""
+    per_task = _per_task(results, cond, n_shot)
+    out = {}
+    for (method, domain), values in per_task.items():
+        ref = per_task.get((reference, domain))
+        if method != reference and ref is not None:
+            n = min(len(values), len(ref))
+            out[(method, domain)] = paired_difference(values[:n], ref[:n])
+    return out
+
+
+def _combined(diffs: dict[tuple[str, str], Estimate], method: str, domains: dict[str, bool]) -> list[Estimate | None]:
+    """[ID, OOD, all] averages of a method's per-domain differences, with combined CIs (None where absent)."""
+    out = []
+    for keep in (lambda d: domains[d], lambda d: not domains[d], lambda d: True):
+        ests = [diffs[(method, d)] for d in domains if keep(d) and (method, d) in diffs]
+        out.append(combine(ests) if ests else None)
+    return out
 
 
 def _avg(values) -> float | None:
@@ -173,12 +151,17 @@ def _averages(cells: dict, method: str, domains: dict[str, bool]) -> list[float 
 def _md_cell(c) -> str:
     if c is None:
         return MISSING
+    if isinstance(c, Estimate):  # a paired difference: mean [95% CI], * where the CI excludes 0
+        if c.n < 2:
+            return f"{c.mean:+.2f}"
+        return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]{'*' if c.excludes_zero else ''}"
     if isinstance(c, tuple):
         return f"{c[0]:.2f} ± {c[1]:.2f}"
     return f"{c:.2f}" if isinstance(c, float) else str(c)
 
 
 def _csv_cells(c, paired: bool) -> list[str]:
+    c = (c.mean, c.half) if isinstance(c, Estimate) else c
     values = [""] * (1 + paired) if c is None else list(c) if isinstance(c, tuple) else [c] + [""] * paired
     return [repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v) for v in values]
 
@@ -191,7 +174,7 @@ def _render(header: list[str], rows: list[list], fmt: str, notes: list[str] = ()
         return "\n".join(lines + [f"\n{n}" for n in notes])
     if fmt != "csv":
         raise ValueError(f"fmt must be 'md' or 'csv', got {fmt!r}")
-    paired = [any(isinstance(row[i], tuple) for row in rows) for i in range(len(header))]
+    paired = [any(isinstance(row[i], (tuple, Estimate)) for row in rows) for i in range(len(header))]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([h for name, p in zip(header, paired) for h in ([f"{name} mean", f"{name} ci95"] if p else [name])])
@@ -201,7 +184,12 @@ def _render(header: list[str], rows: list[list], fmt: str, notes: list[str] = ()
 
 def _attack_label(attack: dict) -> str:
     eps = f"{attack['eps'] * 255:.3g}/255" if attack["norm"] == "linf" else f"{attack['eps']:.3g}"
-    return f"{attack['norm']} ε = {eps}, {attack.get('steps', '?')} steps"
+    name = attack.get("name", "pgd")
+    if name.startswith("autoattack"):
+        return f"{name} ({attack['norm']} ε = {eps}, {attack.get('steps', '?')} steps per attack)"
+    restarts = attack.get("restarts", 1)
+    worst = f" × {restarts} restarts" if restarts > 1 else ""
+    return f"{attack['norm']} ε = {eps}, {attack.get('steps', '?')} steps{worst}, worst case over iterates"
 
 
 def _corruption_label(rows: list[dict]) -> str:
@@ -212,9 +200,13 @@ def _corruption_label(rows: list[dict]) -> str:
 
 def _notes(rows: list[dict], cond: str) -> list[str]:
     tasks = sorted({r.get("n_tasks", len(r.get("accuracies", []))) for r in rows})
-    notes = [f"{'/'.join(map(str, tasks))} tasks per cell; ± is the 95% confidence interval; accuracy in %."]
+    notes = [f"{'/'.join(map(str, tasks))} tasks per cell; ± is the 95% confidence interval; accuracy in %. "
+             "Δ rows: paired difference to the reference over the same tasks, [95% CI], * where it excludes 0; "
+             "averages combine the per-domain variances."]
     if cond == "adversarial" and rows:
         notes.insert(0, "Attack: PGD " + _attack_label(rows[0]["attack"]) + ".")
+    if cond == "autoattack" and rows:
+        notes.insert(0, "Attack: " + _attack_label(rows[0]["attack"]) + ".")
     if cond == "corruption" and rows:
         notes.insert(0, "Corruptions: " + _corruption_label(rows) + ".")
     return notes
@@ -228,11 +220,15 @@ def condition_table(results: dict, condition: str, n_shot: int, fmt: str = "md")
     """
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
-    rows = _select(results, condition, n_shot)
-    cells, domains = _cells(results, condition, n_shot), _domains(rows)
+    rows = select(results, condition, n_shot)
+    cells, domains = _cells(results, condition, n_shot), domains_of(rows)
     methods = list(dict.fromkeys(m for m, _ in cells))
     header = ["method", *[f"{d} (ID)" if flag else d for d, flag in domains.items()], "ID avg", "OOD avg", "all avg"]
     table = [[m, *[cells.get((m, d)) for d in domains], *_averages(cells, m, domains)] for m in methods]
+    if ref := reference_of(results):
+        diffs = _differences(results, condition, n_shot, ref)
+        table += [[f"Δ {m} − {ref}", *[diffs.get((m, d)) for d in domains], *_combined(diffs, m, domains)]
+                  for m in methods if m != ref and any(k[0] == m for k in diffs)]
     return _render(header, table, fmt, _notes(rows, condition))
 
 
@@ -241,23 +237,47 @@ def main_table(results: dict, fmt: str = "md") -> str:
     the domains of each kind of the per-condition cells; "—" where absent."""
     n_way = results["protocol"]["n_way"]
     keys = sorted(dict.fromkeys((r["method"], r["n_shot"]) for r in results["results"]), key=lambda k: k[1])
-    cells = {(c, s): _cells(results, c, s) for c in CONDITIONS for s in {s for _, s in keys}}
-    domains = _domains(results["results"])
-    header = ["method", "shot", "Clean ID", "Clean OOD", "PGD ID", "PGD OOD", "Corr ID", "Corr OOD"]
-    table = [[m, f"{n_way}w{s}s", *[v for c in CONDITIONS for v in _averages(cells[(c, s)], m, domains)[:2]]]
+    shots = sorted({s for _, s in keys})
+    conds = [c for c in CONDITIONS if c in ("clean", "adversarial", "corruption") or select(results, c)]
+    cells = {(c, s): _cells(results, c, s) for c in conds for s in shots}
+    domains = domains_of(results["results"])
+    header = ["method", "shot", *[f"{SHORT[c]} {kind}" for c in conds for kind in ("ID", "OOD")]]
+    table = [[m, f"{n_way}w{s}s", *[v for c in conds for v in _averages(cells[(c, s)], m, domains)[:2]]]
              for m, s in keys]
     notes = ["Accuracy (%) averaged over in-domain (ID) and out-of-domain (OOD) domains."]
-    if adv := _select(results, "adversarial"):
+    if ref := reference_of(results):
+        diffs = {(c, s): _differences(results, c, s, ref) for c in conds for s in shots}
+        table += [[f"Δ {m} − {ref}", f"{n_way}w{s}s", *[v for c in conds for v in _combined(diffs[(c, s)], m,
+                                                                                            domains)[:2]]]
+                  for m, s in keys if m != ref]
+        notes.append(f"Δ rows: paired difference to {ref} over the same tasks, averaged over the domains of each "
+                     "kind, [95% CI] (per-domain variances combined), * where the CI excludes 0.")
+    if adv := select(results, "adversarial"):
         notes.append("PGD: " + _attack_label(adv[0]["attack"]) + ".")
-    if corr := _select(results, "corruption"):
+    if aa := select(results, "autoattack"):
+        notes.append(f"AA: {_attack_label(aa[0]['attack'])}, on the first {aa[0]['n_tasks']} tasks.")
+    if corr := select(results, "corruption"):
         notes.append("Corr: " + _corruption_label(corr) + ".")
     return _render(header, table, fmt, notes)
 
 
-def _tuned(results: dict) -> list[tuple[str, str, str, dict]]:
-    """(method, domain, shot, info) of every tuning record (``results["tuning"][method][domain][shot]``)."""
-    return [(m, d, shot, info) for m, per_domain in (results.get("tuning") or {}).items()
-            for d, per_shot in per_domain.items() for shot, info in sorted(per_shot.items(), key=lambda kv: int(kv[0]))]
+MASKING_FLAGS = ("rises_with_eps", "not_zero_at_large_eps", "more_steps_help", "black_box_stronger",
+                 "zero_gradients")
+
+
+def masking_table(results: dict, fmt: str = "md") -> str:
+    """The gradient-masking checks per method, domain and shot (``results["masking"]``): the accuracies compared
+    (%) and which flags fired ("—": none; see :mod:`amt.masking` for what each flag means)."""
+    entries = [(m, d, s, info) for m, per_domain in (results.get("masking") or {}).items()
+               for d, per_shot in per_domain.items() for s, info in sorted(per_shot.items(), key=lambda kv: int(kv[0]))]
+    labels = list(dict.fromkeys(k for *_, info in entries for k in info["accuracy"]))
+    header = ["method", "domain", "shot", "tasks", *labels, "flags"]
+    table = [[m, d, s, info["n_tasks"], *[info["accuracy"].get(k) for k in labels],
+              ", ".join(f for f in MASKING_FLAGS if info["flags"].get(f)) or MISSING] for m, d, s, info in entries]
+    fired = sum(1 for *_, info in entries if info.get("masking"))
+    notes = [f"{fired} of {len(entries)} (method, domain, shot) cells raise a flag. Accuracy in % over the first tasks "
+             "(gradient: % of queries with a non-zero input gradient)."]
+    return _render(header, table, fmt, notes)
 
 
 def merge_table(results: dict, fmt: str = "md") -> str:
@@ -265,7 +285,7 @@ def merge_table(results: dict, fmt: str = "md") -> str:
     learning rate), with the chosen setting's validation accuracy (%)."""
     header = ["method", "domain", "shot", "rule", "chosen", "validation acc", "validation tasks"]
     table = []
-    for method, domain, shot, info in _tuned(results):
+    for method, domain, shot, info in tuned(results):
         chosen = dict(info.get("chosen") or {})
         acc = [v["acc"] for v in info.get("validation", []) if v.get("params") == chosen]
         ft = info.get("finetune") or {}
@@ -278,166 +298,6 @@ def merge_table(results: dict, fmt: str = "md") -> str:
     return _render(header, table, fmt)
 
 
-# ---------------------------------------------------------------- figures
-
-
-def _figure(n_rows: int, n_cols: int, width: float = 4.5, height: float = 3.2):
-    """A matplotlib Figure on an Agg canvas (no pyplot, no global state) and its axes grid [n_rows][n_cols]."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(n_rows, n_cols, squeeze=False)
-
-
-def _legend(fig, title: str) -> None:
-    """One legend for the whole figure (each label once, from all panels) below the panels, under ``title``."""
-    entries = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.suptitle(title)
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncols=min(len(entries), 5),
-               fontsize="small")
-
-
-def _domain_avg(rows: list[dict], in_domain: bool, domains: dict[str, bool]) -> float:
-    """Mean over domains (of one kind) of each domain's mean row accuracy (%); NaN when none."""
-    by_domain: dict[str, list[float]] = {}
-    for r in rows:
-        if domains[r["domain"]] == in_domain:
-            by_domain.setdefault(r["domain"], []).append(r["mean"])
-    avg = _avg(sum(v) / len(v) for v in by_domain.values())
-    return float("nan") if avg is None else avg
-
-
-def _eps_figure(results: dict):
-    """Accuracy (%) against ε, clean as ε = 0: one panel per (norm, shot) × (ID, OOD), one line per method."""
-    adv = [r for r in results["results"] if condition_of(r) == "adversarial"]
-    if not adv:
-        return None
-    clean, domains = _select(results, "clean"), _domains(results["results"])
-    norms, shots = dict.fromkeys(r["attack"]["norm"] for r in adv), sorted({r["n_shot"] for r in adv})
-    panels = [(n, s) for n in norms for s in shots]
-    kinds = [k for k in (True, False) if k in {domains[r["domain"]] for r in adv}]
-    fig, axes = _figure(len(panels), len(kinds))
-    for (norm, shot), row in zip(panels, axes):
-        scale = 255 if norm == "linf" else 1
-        for kind, ax in zip(kinds, row):
-            for method in dict.fromkeys(r["method"] for r in adv):
-                points = {0.0: [r for r in clean if r["method"] == method and r["n_shot"] == shot]}
-                for r in adv:
-                    if (r["method"], r["n_shot"], r["attack"]["norm"]) == (method, shot, norm):
-                        points.setdefault(round(r["attack"]["eps"] * scale, 6), []).append(r)
-                xs = sorted(x for x, rs in points.items() if rs)
-                ax.plot(xs, [_domain_avg(points[x], kind, domains) for x in xs], marker="o", label=method)
-            ax.set(title=f"{norm} PGD, {results['protocol']['n_way']}w{shot}s, {'ID' if kind else 'OOD'} avg",
-                   xlabel="ε (×1/255, pixels in [0, 1])" if norm == "linf" else "ε (ℓ2, pixels in [0, 1])",
-                   ylabel="accuracy (%)")
-    _legend(fig, "Accuracy under PGD against ε (ε = 0: clean), mean over domains")
-    return fig
-
-
-def _corruption_figure(results: dict):
-    """Per (ID/OOD, shot): accuracy (%) per corruption (bars, mean over severities) and against severity."""
-    rows = [r for r in results["results"] if condition_of(r) == "corruption"]
-    if not rows:
-        return None
-    domains = _domains(results["results"])
-    panels = [(k, s) for k in (False, True) if k in {domains[r["domain"]] for r in rows}
-              for s in sorted({r["n_shot"] for r in rows})]
-    names = list(dict.fromkeys(r["corruption"]["name"] for r in rows))
-    severities = sorted({r["corruption"]["severity"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    width = 0.8 / len(methods)
-    fig, axes = _figure(len(panels), 2, width=max(5.0, 0.45 * len(names) * len(methods) ** 0.5))
-    for (kind, shot), (bars, lines) in zip(panels, axes):
-        label = f"{results['protocol']['n_way']}w{shot}s, {'ID' if kind else 'OOD'}"
-        for k, method in enumerate(methods):
-            mine = [r for r in rows if r["method"] == method and r["n_shot"] == shot]
-            bars.bar([i - 0.4 + (k + 0.5) * width for i in range(len(names))],
-                     [_domain_avg([r for r in mine if r["corruption"]["name"] == n], kind, domains) for n in names],
-                     width, label=method)
-            lines.plot(severities, [_domain_avg([r for r in mine if r["corruption"]["severity"] == s], kind, domains)
-                                    for s in severities], marker="o", label=method)
-        bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
-        bars.set(title=f"{label}: per corruption", ylabel="accuracy (%), mean over severities")
-        lines.set(title=f"{label}: against severity", xlabel="severity", ylabel="accuracy (%), mean over corruptions")
-        lines.set_xticks(severities)
-    _legend(fig, "Accuracy on corrupted queries, mean over domains")
-    return fig
-
-
-def _spectra_figure(results: dict):
-    """Singular values (log scale) against their index, one panel per layer, one line per label (paper Fig. 2/3)."""
-    spectra = results.get("spectra") or {}
-    layers = list(dict.fromkeys(layer for per in spectra.values() for layer in per))
-    if not layers:
-        return None
-    n_cols = min(3, len(layers))
-    fig, axes = _figure(math.ceil(len(layers) / n_cols), n_cols)
-    flat = [ax for row in axes for ax in row]
-    for layer, ax in zip(layers, flat):
-        for label, per in spectra.items():
-            if layer in per:
-                ax.plot(range(1, len(per[layer]) + 1), per[layer], label=label)
-        ax.set_yscale("log")
-        ax.set(title=layer, xlabel="singular value index (descending)", ylabel="singular value")
-    for ax in flat[len(layers):]:
-        ax.set_visible(False)
-    _legend(fig, "Singular values of weight matrices")
-    return fig
-
-
-def _merge_figure(results: dict):
-    """Per merged method and domain: mean merge coefficient per member (bars per shot, error bars: std over tasks)."""
-    panels: dict[tuple[str, str], dict[str, dict]] = {}
-    for method, domain, shot, info in _tuned(results):
-        if info.get("coefficients"):
-            panels.setdefault((method, domain), {})[shot] = info
-    if not panels:
-        return None
-    n_cols = min(3, len(panels))
-    fig, axes = _figure(math.ceil(len(panels) / n_cols), n_cols)
-    flat = [ax for row in axes for ax in row]
-    for ((method, domain), per_shot), ax in zip(panels.items(), flat):
-        shots = list(per_shot)
-        n_members = max(len(c) for info in per_shot.values() for c in info["coefficients"])
-        members = (per_shot[shots[0]].get("members") or [])[:n_members] or [f"member{i}" for i in range(n_members)]
-        width = 0.8 / len(shots)
-        for k, shot in enumerate(shots):
-            means, stds = zip(*(_mean_std(col) for col in zip(*per_shot[shot]["coefficients"])))
-            ax.bar([i - 0.4 + (k + 0.5) * width for i in range(len(means))], means, width, yerr=stds, capsize=3,
-                   label=f"{results['protocol']['n_way']}w{shot}s")
-        ax.set_xticks(range(len(members)), members, rotation=30, ha="right", fontsize="small")
-        ax.set(title=f"{method}: {domain}", xlabel="pool member", ylabel="merge coefficient")
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
-    _legend(fig, "Merge coefficient per pool member (bars: mean, error bars: std over test tasks)")
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically and free it."""
-    try:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        fig.clear()
-    return path
-
-
-def figures(results: dict, out_dir: str | Path) -> list[Path]:
-    """Write the PNG figures whose data is present (see FIGURES) into ``out_dir``; return their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    draw = (_eps_figure, _corruption_figure, _spectra_figure, _merge_figure)
-    written = []
-    for name, make in zip(FIGURES, draw):
-        fig = make(results)
-        if fig is not None:
-            written.append(_save(fig, out_dir / name))
-    return written
-
-
 # ---------------------------------------------------------------- whole report
 
 
@@ -448,11 +308,14 @@ def _tables(results: dict) -> dict[str, str]:
     md = [f"# Results\n\nProtocol: {p['n_way']}-way, {p.get('n_query', '?')} queries per class, "
           f"{p.get('n_tasks', '?')} tasks, seed {p.get('seed', '?')}.\n", "## Summary\n", main_table(results), ""]
     for cond in CONDITIONS:
-        for shot in sorted({r["n_shot"] for r in _select(results, cond)}):
+        for shot in sorted({r["n_shot"] for r in select(results, cond)}):
             name = f"{cond}_{shot}shot.csv"
             files[name] = condition_table(results, cond, shot, "csv")
             md += [f"## {cond.capitalize()}, {p['n_way']}-way {shot}-shot ([CSV]({name}))\n",
                    condition_table(results, cond, shot), ""]
+    if results.get("masking"):
+        files["masking.csv"] = masking_table(results, "csv")
+        md += ["## Gradient-masking checks ([CSV](masking.csv))\n", masking_table(results), ""]
     if results.get("tuning"):
         md += ["## Settings chosen on validation tasks (per domain and shot)\n", merge_table(results), ""]
     files["report.md"] = "\n".join(md)
