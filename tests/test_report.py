@@ -193,3 +193,52 @@ def test_markdown_table_unchanged_for_clean_rows_and_ignores_other_conditions():
 def test_report_module_imports_no_torch():
     code = "import sys, amt.report; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_difference_rows_are_paired_over_the_same_tasks_and_marked_where_significant():
+    from amt.stats import combine, paired_difference
+
+    results = synthetic(with_optional=False)
+    results["protocol"]["reference"] = "PM"
+    md = md_rows(main_table(results))
+    deltas = [r for r in md if r["method"].startswith("Δ")]
+    assert [(r["method"], r["shot"]) for r in deltas] == [(f"Δ {m} − PM", f"5w{s}s") for s in SHOTS for m in METHODS
+                                                          if m != "PM"]
+
+    def per_task(m, d, s):
+        return next(r["accuracies"] for r in results["results"] if (r["method"], r["domain"], r["n_shot"]) == (m, d, s)
+                    and r.get("condition") == "adversarial" and r["attack"]["headline"])
+
+    for row in deltas:
+        m, s = row["method"][2:].split(" − ")[0], int(row["shot"][2:-1])
+        est = combine([paired_difference(per_task(m, d, s), per_task("PM", d, s)) for d, f in DOMAINS.items() if not f])
+        assert row["PGD OOD"] == f"{est.mean:+.2f} [{est.low:+.2f}, {est.high:+.2f}]{'*' if est.excludes_zero else ''}"
+    table = md_rows(condition_table(results, "adversarial", 1))
+    latin = paired_difference(per_task("AMT", "latin", 1), per_task("PM", "latin", 1))
+    assert next(r for r in table if r["method"] == "Δ AMT − PM")["latin (ID)"].startswith(f"{latin.mean:+.2f} [")
+    # significance is marked: a method that is PM plus 5 points on every task
+    for r in results["results"]:
+        if r["method"] == "StyleAdv":
+            pm = next(x for x in results["results"] if x["method"] == "PM" and x["domain"] == r["domain"]
+                      and x["n_shot"] == r["n_shot"] and x.get("condition") == r.get("condition")
+                      and x.get("attack") == r.get("attack") and x.get("corruption") == r.get("corruption"))
+            r["accuracies"] = [a + 5.0 + 0.1 * i for i, a in enumerate(pm["accuracies"])]
+    styleadv = next(r for r in md_rows(main_table(results)) if r["method"] == "Δ StyleAdv − PM")
+    assert styleadv["Clean ID"].startswith("+5.25 [") and styleadv["Clean ID"].endswith("*")
+    assert "Δ" not in main_table(synthetic(with_optional=False))  # no reference in the protocol: no differences
+
+
+def test_masking_table_lists_the_flags_that_fired():
+    from amt.report import masking_table
+
+    results = synthetic(with_optional=False)
+    flags = dict.fromkeys(("rises_with_eps", "not_zero_at_large_eps", "more_steps_help", "black_box_stronger",
+                           "zero_gradients"), False)
+    results["masking"] = {"PM": {"latin": {"1": {"flags": flags, "accuracy": {"clean": 90.0, "square": 40.0},
+                                                 "n_tasks": 2, "masking": False}}},
+                          "AMT": {"latin": {"1": {"flags": flags | {"black_box_stronger": True},
+                                                  "accuracy": {"clean": 91.0, "square": 10.0}, "n_tasks": 2,
+                                                  "masking": True}}}}
+    rows = md_rows(masking_table(results))
+    assert [(r["method"], r["flags"]) for r in rows] == [("PM", "—"), ("AMT", "black_box_stronger")]
+    assert rows[1]["square"] == "10.00" and "1 of 2" in masking_table(results)
