@@ -16,7 +16,7 @@ from amt.backbone import Backbone, build_backbone, build_vit
 from amt.checkpoints import CheckpointError, fingerprint, load_checkpoint, save_backbone
 from amt.config import LORA_TARGETS, BackboneConfig
 
-from conftest import gen, tiny_vit
+from conftest import gen, tiny_backbone, tiny_vit
 
 
 def source_vit(depth: int = 2, dim: int = 48, num_classes: int = 0, seed: int = 0) -> VisionTransformer:
@@ -309,3 +309,31 @@ def test_random_backbone_is_the_same_in_every_build_and_leaves_the_global_rng_al
     b = build_backbone(cfg)
     assert torch.equal(torch.rand(3), after_a)  # the build drew nothing from the global generator
     assert fingerprint(a.vit) == fingerprint(b.vit)
+
+
+def test_bf16_refuses_perturbations_below_its_rounding_and_keeps_attack_gradients():
+    from amt.backbone import check_perturbations
+    from amt.conditions import nonzero_input_gradients, robust_under_pgd
+    from amt.config import AttackConfig, ConfigError
+    from amt.head import cosine_logits, prototypes
+
+    check_perturbations(None, (0.01 / 255,), (0.5,), 1e-4)  # fp32: anything goes
+    check_perturbations(torch.bfloat16, (8 / 255, 4 / 255), (0.5,), 0.01)
+    with pytest.raises(ConfigError, match=r"radii \['0.01/255'\].*precision=fp32"):
+        check_perturbations(torch.bfloat16, (0.01 / 255, 8 / 255), (0.5,))
+    with pytest.raises(ConfigError, match="perturb.eta=0.0001"):
+        check_perturbations(torch.bfloat16, (8 / 255,), (0.5,), 1e-4)
+    # under bf16 autocast the input gradients survive and PGD still flips predictions
+    model = tiny_backbone(image_size=32)
+    model.autocast_dtype = torch.bfloat16
+    support, queries = torch.rand(6, 3, 32, 32, generator=gen(0)), torch.rand(12, 3, 32, 32, generator=gen(1))
+    labels = torch.arange(12) % 3
+    with torch.no_grad():
+        protos = prototypes(model(support), torch.arange(6) % 3, 3)
+    logits_fn = lambda x: cosine_logits(model(x), protos, 10.0)  # noqa: E731
+    assert nonzero_input_gradients(logits_fn, queries, labels).all()
+    with torch.no_grad():
+        clean = logits_fn(queries).argmax(-1) == labels
+    attack = AttackConfig(eps=16 / 255, step_size=4 / 255, steps=5)
+    robust = robust_under_pgd(attack, logits_fn, queries, labels, gen(2))
+    assert clean.any() and robust.sum() < clean.sum()

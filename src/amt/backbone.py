@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
@@ -256,6 +256,38 @@ def precision_dtype(precision: str, device: torch.device, training: bool = False
         raise ConfigError("precision='fp16' is for evaluation only (no loss scaling in training or fine-tuning); "
                          "use precision=bf16 or fp32")
     return PRECISIONS[precision]
+
+
+ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+"""Relative rounding error of each autocast dtype (half its spacing at 1: 8 and 11 significant bits)."""
+
+
+def check_perturbations(dtype: torch.dtype | None, input_eps: Sequence[float] = (), input_std: Sequence[float] = (1.0,),
+                        weight_eta: float | None = None) -> None:
+    """Refuse an autocast ``dtype`` that would round the method's perturbations away.
+
+    Under bf16 autocast the images (after normalisation, |x| up to about 1/std) and the weights enter every
+    matrix product rounded to 8 significant bits, so an input perturbation of ε/std below one rounding step
+    (2·2⁻⁸ at magnitude 1) or an APSV weight step of ``weight_eta`` of a tensor's norm below the relative
+    rounding (2⁻⁸) mostly vanishes: at ε = 0.01/255 about 7% of the normalised input elements change at all.
+
+    Args:
+        input_eps: attack radii on the images, pixel units ([0, 1] images); input_std: the normalisation std.
+        weight_eta: APSV's relative step (``perturb.eta`` in relative mode), or None without APSV.
+    Raises ``ConfigError`` naming the values and the fix (precision=fp32).
+    """
+    if dtype is None:
+        return
+    rounding = ROUNDING[dtype]
+    small = [e for e in input_eps if 0 < e / min(input_std) < 2 * rounding]
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if small:
+        raise ConfigError(f"precision={name} rounds normalised inputs to steps of about {2 * rounding:.2g}, so attack "
+                          f"radii {[f'{e * 255:.3g}/255' for e in small]} would mostly vanish; use precision=fp32 "
+                          "for these radii")
+    if weight_eta is not None and weight_eta < rounding:
+        raise ConfigError(f"precision={name} rounds weights to a relative {rounding:.2g}, so the APSV step "
+                          f"perturb.eta={weight_eta:g} would mostly vanish; use precision=fp32 (or switch APSV off)")
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from amt.backbone import build_backbone, precision_dtype
+from amt.backbone import build_backbone, check_perturbations, precision_dtype
 from amt.checkpoints import fingerprint, save_backbone
 from amt.config import (
     ConfigError,
@@ -158,6 +158,8 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
         methods, backbone_fp = build_methods(cfg)
         fine_tuned = any(m.finetune for m in cfg.methods)
         dtype = precision_dtype(cfg.precision, device, training=fine_tuned)
+        if cfg.eval.adversarial and cfg.attack.norm == "linf":
+            check_perturbations(dtype, (cfg.attack.eps, *cfg.eval.eps_sweep), cfg.backbone.std)
         for method in methods.values():
             method.model.to(device).autocast_dtype = dtype
         domains = [(d, domain_dataset(cfg, d)) for d in cfg.domains]
@@ -296,6 +298,8 @@ def run_train(
     device = resolve_device(cfg.device)
     backbone.to(device)
     backbone.autocast_dtype = precision_dtype(cfg.precision, device, training=True)
+    check_perturbations(backbone.autocast_dtype, cfg.pool.eps if cfg.train.apq else (), cfg.backbone.std,
+                        cfg.perturb.eta if cfg.train.apsv and cfg.perturb.mode == "relative" else None)
     main_rank = is_main()
     try:
         if main_rank:
