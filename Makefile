@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test,autoattack]' $(TORCH_PINS)
 	touch $(STAMP)
 
 venv: $(STAMP)
