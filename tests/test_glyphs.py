@@ -1,4 +1,4 @@
-"""The embedded glyph benchmark: layout, counts, splits, determinism, idempotence, atomicity."""
+"""The embedded glyph benchmark: layout, counts, splits, look-alike removal, determinism, idempotence, atomicity."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from amt.data import glyphs
 from amt.data.glyph_render import (
     FONT_FILES,
     font_paths,
+    glyph_similarity,
     load_fonts,
     render_glyph,
     render_samples,
+    similar_pairs,
 )
 from amt.data.glyphs import (
     GLYPH_VERSION,
+    LOOKALIKE_THRESHOLD,
+    SCAN_EM_PX,
     GlyphClass,
     build_glyph_benchmark,
     domain_of,
@@ -29,11 +33,18 @@ from amt.data.glyphs import (
 )
 
 SMALL = GlyphConfig(seed=3, image_size=24, samples_per_class=5, max_source_classes=14, max_classes_per_domain=7)
+# Every out-of-domain candidate kept (no domain has 400), one tiny image each: shows which classes were removed.
+UNCAPPED = GlyphConfig(seed=5, image_size=8, samples_per_class=1, max_source_classes=3, max_classes_per_domain=400)
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
     return build_glyph_benchmark(SMALL, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def uncapped(tmp_path_factory) -> Path:
+    return build_glyph_benchmark(UNCAPPED, tmp_path_factory.mktemp("uncapped"))
 
 
 def _files(root: Path) -> list[Path]:
@@ -51,6 +62,9 @@ def test_name_and_manifest_describe_the_build(bench):
     assert m["config"]["samples_per_class"] == 5
     assert [f["file"] for f in m["fonts"]] == list(FONT_FILES)
     assert not any(f.startswith(("LastResort", "cm")) for f in FONT_FILES)
+    assert m["lookalike_threshold"] == LOOKALIKE_THRESHOLD
+    assert m["domains"]["greek"]["lookalikes_removed"] and m["domains"]["cyrillic"]["lookalikes_removed"]
+    assert "lookalikes_removed" not in m["domains"]["latin"]
 
 
 def test_counts_match_manifest_and_every_class_is_full(bench):
@@ -214,3 +228,68 @@ def test_default_benchmark_size(tmp_path):
     counts = {d: i["n_classes"] for d, i in m["domains"].items()}
     assert len(counts) >= 5 and max(counts, key=counts.get) == "latin"
     assert m["total_images"] <= 45_000 and len(list(root.rglob("*.png"))) == m["total_images"]
+
+
+def _built_and_removed(root: Path, domain: str) -> tuple[set[str], dict[str, dict]]:
+    """(characters written as classes of ``domain``, removed look-alikes by character) of a built benchmark."""
+    meta = json.loads((root / domain / "classes.json").read_text())
+    removed = _manifest(root)["domains"][domain].get("lookalikes_removed", [])
+    return {v["char"] for v in meta.values()}, {r["char"]: r for r in removed}
+
+
+def test_latin_homoglyphs_are_removed_from_ood_domains_and_distinct_letters_kept(uncapped):
+    # Checks the outcome of the measured rule; the rule itself uses no list of characters.
+    expected = {"greek": {"Α": "A", "Β": "B", "Ε": "E", "Ο": "O"}, "cyrillic": {"А": "A", "Е": "E", "О": "O", "С": "C"}}
+    for domain, pairs in expected.items():
+        built, removed = _built_and_removed(uncapped, domain)
+        drawn = [c for c in pairs if c in built or c in removed]  # candidates: the fonts draw them
+        assert len(drawn) >= 3, (domain, drawn)  # matplotlib's DejaVu fonts draw these scripts
+        for char in drawn:
+            assert char not in built and removed[char]["latin_char"] == pairs[char], (domain, char)
+    built, removed = _built_and_removed(uncapped, "greek")
+    assert set("ΓΔΨΩ") <= built and not set("ΓΔΨΩ") & set(removed)
+    for domain in ("braille", "math", "dingbats"):
+        assert _built_and_removed(uncapped, domain)[1] == {}, domain
+
+
+def test_manifest_lists_removed_classes_with_similarity_and_latin_match(uncapped):
+    m = _manifest(uncapped)
+    n_removed = 0
+    for domain, info in m["domains"].items():
+        removed = info.get("lookalikes_removed", [])
+        if not info["in_domain"]:  # uncapped: every candidate is written or removed (removal precedes the cap)
+            assert info["n_candidates"] == info["n_classes"] + len(removed)
+        meta = json.loads((uncapped / domain / "classes.json").read_text())
+        for r in removed:
+            assert r["class"] == f"U+{ord(r['char']):04X}" and r["class"] not in meta
+            assert r["latin_class"] == f"U+{ord(r['latin_char']):04X}" and domain_of(ord(r["latin_char"])) == "latin"
+            assert LOOKALIKE_THRESHOLD <= r["similarity"] <= 1
+            assert r["fonts_compared"] >= 1 and 2 * r["fonts_alike"] >= r["fonts_compared"]
+        n_removed += len(removed)
+    assert n_removed >= 20
+    # The recorded value is the lower median over fonts; in DejaVu Sans Greek Α and Latin A share one outline.
+    alpha = next(r for r in m["domains"]["greek"]["lookalikes_removed"] if r["char"] == "Α")
+    assert alpha["similarity"] == 1.0
+
+
+def test_glyph_similarity_is_maximal_for_itself_and_low_for_different_characters():
+    for font in load_fonts(font_paths()[:2], SCAN_EM_PX):  # regular and bold
+        g = {c: render_glyph(font, c) for c in "AoWl.ΓΔΨΩÁÀ"}
+        for a in g:
+            assert glyph_similarity(g[a], g[a]) == 1.0
+            assert all(glyph_similarity(g[a], g[b]) < 1.0 for b in g if b != a), a
+            assert all(glyph_similarity(g[a], g[b]) == glyph_similarity(g[b], g[a]) for b in g)
+        assert glyph_similarity(g["l"], g["W"]) < 0.2 and glyph_similarity(g["A"], g["."]) < 0.1
+        assert max(glyph_similarity(g[a], g[b]) for a, b in ("Ao", "ΓΔ", "ΨΩ", "oΩ")) < 0.5
+        assert 0.9 < glyph_similarity(g["Á"], g["À"]) < LOOKALIKE_THRESHOLD  # distinct Latin classes stay below
+
+
+def test_similar_pairs_prunes_nothing_above_the_floor():
+    font = load_fonts(font_paths()[1:2], SCAN_EM_PX)[0]
+    queries = [render_glyph(font, c) for c in "ΑΒΓΔΕΟΩаеосшψ⍴∩"]
+    refs = [render_glyph(font, c) for c in "ABEOPaeocnuhlIÁÀ"]
+    for floor in (0.3, 0.6, LOOKALIKE_THRESHOLD):
+        brute = {(i, j) for i, q in enumerate(queries) for j, r in enumerate(refs) if glyph_similarity(q, r) >= floor}
+        found = similar_pairs(queries, refs, floor)
+        assert {(i, j) for i, j, _ in found} == brute and brute
+        assert all(s == glyph_similarity(queries[i], refs[j]) for i, j, s in found)

@@ -235,3 +235,122 @@ def render_glyphs(glyphs: list[Glyph], params: dict[str, np.ndarray], image_size
     # Contrast: the darkest pixel becomes full ink, so hairlines thinned below a pixel stay visible.
     ink = (ink / ink.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)).clamp(0, 1)
     return (255 - torch.round(ink[:, 0] * 255)).to(torch.uint8).numpy()
+
+
+# Rendering similarity (used by amt.data.glyphs to find look-alikes of Latin letters). Speed only:
+SIMILARITY_BLOCK_PX = 8  # block side of the pruning bound in similar_pairs, pixels of the rendering
+
+
+def _placement(glyph: Glyph) -> tuple[int, int]:
+    """(row, column) of the crop's top-left on the comparison canvas: baseline on row 0, ink centred on column 0."""
+    return glyph.top, -(glyph.ink.shape[1] // 2)
+
+
+def _energy(glyph: Glyph) -> int:
+    """Σ coverage² of the rendering (coverage 0–255 per pixel), exact."""
+    ink = glyph.ink.astype(np.int64)
+    return int((ink * ink).sum())
+
+
+def _dot(a: Glyph, b: Glyph) -> int:
+    """Σ a·b over the common canvas (exact integer), the two placed by :func:`_placement`."""
+    (ra, ca), (rb, cb) = _placement(a), _placement(b)
+    r0, r1 = max(ra, rb), min(ra + a.ink.shape[0], rb + b.ink.shape[0])
+    c0, c1 = max(ca, cb), min(ca + a.ink.shape[1], cb + b.ink.shape[1])
+    if r1 <= r0 or c1 <= c0:
+        return 0
+    sa = a.ink[r0 - ra : r1 - ra, c0 - ca : c1 - ca].astype(np.int64)
+    return int((sa * b.ink[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
+
+
+def glyph_similarity(a: Glyph, b: Glyph) -> float:
+    """Rendering similarity of two glyphs rendered at the same em size, in [0, 1].
+
+    Both crops go on one canvas with their baselines on one row and their ink bounding boxes centred on
+    one column (to the pixel); with anti-aliased coverages a, b (0–255 per pixel) the similarity is the
+    Tanimoto coefficient a·b / (a·a + b·b − a·b): 1 exactly when the two canvases are identical, the
+    intersection-over-union of the inks for binary masks, 0 when the inks do not overlap. Exact integer
+    sums, so the value depends only on the two renderings.
+    """
+    dot, ea, eb = _dot(a, b), _energy(a), _energy(b)
+    return dot / (ea + eb - dot) if ea + eb - dot > 0 else 1.0
+
+
+def _block_norms(glyphs: list[Glyph], origin: tuple[int, int], blocks: tuple[int, int]) -> np.ndarray:
+    """[N, blocks] float64: √(Σ coverage²) of each glyph in each B×B block of the canvas (B = SIMILARITY_BLOCK_PX)."""
+    bs = SIMILARITY_BLOCK_PX
+    out = np.zeros((len(glyphs), *blocks))
+    for k, glyph in enumerate(glyphs):
+        r, c = (p - o for p, o in zip(_placement(glyph), origin))
+        h, w = glyph.ink.shape
+        pad = np.zeros((-(-(r % bs + h) // bs) * bs, -(-(c % bs + w) // bs) * bs))
+        pad[r % bs : r % bs + h, c % bs : c % bs + w] = glyph.ink.astype(np.float64) ** 2
+        sums = pad.reshape(pad.shape[0] // bs, bs, pad.shape[1] // bs, bs).sum(axis=(1, 3))
+        out[k, r // bs : r // bs + sums.shape[0], c // bs : c // bs + sums.shape[1]] = sums
+    return np.sqrt(out.reshape(len(glyphs), -1))
+
+
+def similar_pairs(queries: list[Glyph], refs: list[Glyph], floor: float) -> list[tuple[int, int, float]]:
+    """Every (query index, reference index, :func:`glyph_similarity`) whose similarity is ≥ ``floor``.
+
+    Exact: a pair is skipped only when an upper bound of its similarity is below ``floor``. The bound
+    replaces a·b by Σ over canvas blocks of ‖a_block‖·‖b_block‖ (Cauchy–Schwarz per block), one matrix
+    product for all pairs; survivors are computed exactly. All glyphs must share one em size.
+    """
+    if not queries or not refs:
+        return []
+    everything = queries + refs
+    places = np.array([_placement(g) for g in everything])
+    ends = places + np.array([g.ink.shape for g in everything])
+    origin = (int(places[:, 0].min()), int(places[:, 1].min()))
+    blocks = tuple(int(-(-(e - o) // SIMILARITY_BLOCK_PX)) + 1 for e, o in zip(ends.max(axis=0), origin))
+    norms = _block_norms(everything, origin, blocks)
+    energy = [_energy(g) for g in everything]
+    eq, er = np.array(energy[: len(queries)], np.float64), np.array(energy[len(queries) :], np.float64)
+    bound = (norms[: len(queries)] @ norms[len(queries) :].T) * (1 + 1e-9) + 1.0  # ≥ a·b despite rounding
+    upper = bound / np.maximum(eq[:, None] + er[None, :] - bound, 1e-9)
+    upper[bound >= eq[:, None] + er[None, :] - bound] = np.inf
+    out = []
+    for i, j in zip(*np.nonzero(upper >= floor)):
+        dot = _dot(queries[i], refs[j])
+        sim = dot / (energy[i] + energy[len(queries) + j] - dot)
+        if sim >= floor:
+            out.append((int(i), int(j), sim))
+    return out
+
+
+def nearest_lookalikes(
+    queries: dict[int, tuple[int, ...]],
+    refs: dict[int, tuple[int, ...]],
+    renders: dict[tuple[int, int], Glyph],
+    threshold: float,
+) -> dict[int, tuple[float, int, int, int]]:
+    """The queries that render like some reference: aggregated similarity ≥ ``threshold``.
+
+    Per (query, reference) pair the similarities (:func:`glyph_similarity`) in the fonts that draw both
+    are aggregated as their lower median, i.e. the value reached in at least half of those fonts.
+
+    Args:
+        queries, refs: code point -> indices of the fonts that draw it.
+        renders: ``{(code point, font index): Glyph}``, all at one em size.
+        threshold: in (0, 1]; pairs below it in a font are not computed exactly (:func:`similar_pairs`).
+
+    Returns:
+        query code point -> (aggregated similarity, most similar reference code point (lowest on a tie),
+        fonts compared, fonts where the similarity reaches ``threshold``), for look-alike queries only.
+    """
+    sims: dict[tuple[int, int], list[float]] = {}
+    for font in sorted({i for fonts in refs.values() for i in fonts}):
+        q_cps = [q for q in sorted(queries) if font in queries[q]]
+        r_cps = [r for r in sorted(refs) if font in refs[r]]
+        q_glyphs, r_glyphs = ([renders[(cp, font)] for cp in cps] for cps in (q_cps, r_cps))
+        for i, j, sim in similar_pairs(q_glyphs, r_glyphs, threshold):
+            sims.setdefault((q_cps[i], r_cps[j]), []).append(sim)
+    best: dict[int, tuple[float, int, int, int]] = {}
+    for (q, r), values in sorted(sims.items()):
+        n = len(set(queries[q]) & set(refs[r]))
+        rank = -(-n // 2)  # the lower median is the ⌈n/2⌉-th largest value; fonts not listed are below threshold
+        score = sorted(values, reverse=True)[rank - 1] if len(values) >= rank else 0.0
+        if score >= threshold and score > best.get(q, (-1.0,))[0]:
+            best[q] = (score, r, n, len(values))
+    return best
