@@ -27,7 +27,9 @@ SMALL = ["--set", "glyphs.max_source_classes=40", "--set", "glyphs.max_classes_p
          "--set", "eval.l2_eps=[0.5]", "--set", "eval.corruption_tasks=1", "--set", "eval.val_tasks=2",
          "--set", "eval.corruptions=[gaussian_noise, fog]", "--set", "eval.severities=[1, 5]",
          "--set", "merge.lambda_grid=[0.5]", "--set", "merge.beta_grid=[6]", "--set", "merge.rho_grid=[1.0, 0.5]",
-         "--set", "merge.trim_group_grid=[mlp]", "--set", "augment.pseudo_per_image=1"]
+         "--set", "merge.trim_group_grid=[mlp]", "--set", "augment.pseudo_per_image=1",
+         "--set", "autoattack.steps=2", "--set", "masking.many_steps=6", "--set", "masking.square_queries=5",
+         "--set", "attack.steps=3"]
 
 
 def test_shipped_backbone_loads_strictly_and_matches_its_record():
@@ -47,14 +49,20 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     domains = {r["domain"] for r in results["results"]}
     assert len(domains) >= 5 and {r["n_shot"] for r in results["results"]} == {1, 5}
-    expected = {"clean": 3, "adversarial": 2, "corruption": 1}
+    expected = {"clean": 3, "adversarial": 2, "corruption": 1, "autoattack": 1, "gradient": 1}
     for r in results["results"]:
         n = 1 if r["condition"] == "adversarial" and not r["attack"]["headline"] else expected[r["condition"]]
         assert len(r["accuracies"]) == n == r["n_tasks"], r
     assert {r["method"] for r in results["results"]} == {"PM", "Clean LoRA", "AMT"}
     conditions = {(r["condition"], (r.get("corruption") or {}).get("name")) for r in results["results"]}
     assert conditions == {("clean", None), ("adversarial", None), ("corruption", "gaussian_noise"),
-                          ("corruption", "fog")}
+                          ("corruption", "fog"), ("autoattack", None), ("gradient", None)}
+    assert {r["method"] for r in results["results"] if r["condition"] == "autoattack"} == {"PM", "AMT"}
+    headline = next(r for r in results["results"] if r["condition"] == "adversarial" and r["attack"]["headline"])
+    assert headline["attack"]["restarts"] == 2 and headline["attack"]["eps"] == pytest.approx(8 / 255, rel=1e-4)
+    assert set(results["masking"]) == {"PM", "Clean LoRA", "AMT"}  # every method is checked
+    assert all(set(info["flags"]) >= {"rises_with_eps", "zero_gradients"} for per in results["masking"].values()
+               for per_shot in per.values() for info in per_shot.values())
     tuning = results["tuning"]["AMT"]["latin"]
     assert set(tuning) == {"1", "5"}  # tuned per shot
     assert tuning["1"]["validation_tasks"] == "validation classes" and set(tuning["1"]["chosen"]) >= {"lambda", "rho"}
@@ -64,6 +72,7 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     assert (out / "config.yaml").is_file() and "amt_glyph_vit" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "AMT" in printed and "Clean LoRA" in printed and "PGD" in printed
+    assert "| Δ AMT − PM | 5w1s |" in printed and "AA OOD" in printed  # paired differences in the main table
     assert "Meta-tuning `amt`" in printed and "| member1 | 7.65 |" in printed and "| member0 | clean |" in printed
     pool = json.loads((out / "amt" / "pool.json").read_text())
     assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])

@@ -249,7 +249,7 @@ def _run(
                 survived = robust.clone()  # eps = 0: nothing can flip a query
             robust = survived
             per_attack[name] = survived.clone()
-    logger.info("autoattack (%s) eps=%.4g: clean %d/%d, robust %d/%d in %.2fs", "+".join(names), eps,
+    logger.debug("autoattack (%s) eps=%.4g: clean %d/%d, robust %d/%d in %.2fs", "+".join(names), eps,
                 int((clean.argmax(-1) == y).sum()), y.numel(), int(robust.sum()), y.numel(),
                 time.perf_counter() - start)
     return AutoAttackResult(robust=robust, per_attack=per_attack, adversarial=adversarial.detach())

@@ -97,6 +97,9 @@ def conditions(cfg: EvalConfig, attack: AttackConfig | None, autoattack: AutoAtt
             l2 = dataclasses.replace(attack, norm="l2", eps=eps, step_size=cfg.l2_step_ratio * eps)
             out.append(Condition("adversarial", n_sweep, "l2", l2))
         if autoattack is not None and autoattack.version != "none" and attack.norm == "linf":
+            if cfg.n_way < 4:
+                raise ValueError(f"AutoAttack's targeted attacks need n_way >= 4 (eval.n_way={cfg.n_way}); set "
+                                 "autoattack.version=none")
             unknown = sorted(set(autoattack.methods) - set(method_names)) if method_names else []
             if unknown:
                 raise ValueError(f"autoattack.methods names {unknown}, which are not evaluated; the methods are "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -152,7 +153,7 @@ def _md_cell(c) -> str:
     if c is None:
         return MISSING
     if isinstance(c, Estimate):  # a paired difference: mean [95% CI], * where the CI excludes 0
-        if c.n < 2:
+        if c.n < 2 or math.isnan(c.half):  # a single task somewhere: no interval
             return f"{c.mean:+.2f}"
         return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]{'*' if c.excludes_zero else ''}"
     if isinstance(c, tuple):
