@@ -107,3 +107,38 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
     write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+
+
+class _Payload:
+    """A pickled object that is not a tensor or plain value (what a malicious state.pt would hold)."""
+
+
+def test_damaged_files_are_named_and_never_loaded_unsafely(tmp_path):
+    from amt.rundir import load_state, load_weights, save_state
+
+    _, fp = _write_pool(tmp_path)
+    weights = tmp_path / "member1" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ConfigError, match=str(weights)):
+        load_pool(tiny_backbone(), tmp_path, fp)
+    for text in ("", '{"members": ['):  # empty, truncated
+        (tmp_path / "pool.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"pool\.json: the pool manifest cannot be read"):
+            load_pool(tiny_backbone(), tmp_path, fp)
+    state = tmp_path / "state.pt"
+    torch.save({"episode": 3, "payload": _Payload()}, state)
+    with pytest.raises(ConfigError, match="refused") as info:
+        load_state(state)
+    assert str(state) in str(info.value) and "weights_only" not in str(info.value)
+    save_state(state, {"episode": 3, "weights": {"a": torch.ones(2)}})
+    assert load_state(state)["episode"] == 3
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_state(state)
+    model = tiny_backbone()
+    inject_lora(model.vit, TARGETS, ["member0"], rank=4)
+    nan = member_tensors(model, "member0", torch.tensor(10.0))
+    next(v for k, v in nan.items() if "lora_A" in k).view(-1)[0] = float("nan")
+    save_weights(tmp_path / "nan.safetensors", nan, {})
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        load_weights(model, "member0", tmp_path / "nan.safetensors")

@@ -103,10 +103,18 @@ def member_tensors(model: nn.Module, name: str | None, scale: torch.Tensor) -> d
     return out
 
 
-def load_member_tensors(model: nn.Module, name: str | None, tensors: dict[str, torch.Tensor]) -> float:
+def load_member_tensors(model: nn.Module, name: str | None, tensors: dict[str, torch.Tensor],
+                        where: str | Path = "member weights") -> float:
     """Load tensors of :func:`member_tensors` into ``model`` strictly (adapter ``name`` or the full backbone);
-    return the member's trained logit scale."""
+    return the member's trained logit scale. Non-finite values are refused (``ConfigError`` naming ``where``)."""
+    import torch
+
     from amt.lora import load_adapter_state_dict
+
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"{where}: tensors {bad[:4]} hold NaN or infinite values; a member trained with a "
+                          "diverging loss cannot be used: retrain it (amt train ... --member I) with a lower lr")
 
     if name is not None:
         load_adapter_state_dict(model, name, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
@@ -124,10 +132,17 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_weights(model: nn.Module, name: str | None, path: str | Path) -> float:
-    """Load a member's ``weights.safetensors`` into ``model``; return its trained logit scale."""
+    """Load a member's ``weights.safetensors`` into ``model``; return its trained logit scale. A missing,
+    truncated or damaged file is a ``ConfigError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_member_tensors(model, name, load_file(str(path)))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read as safetensors ({exc}); the file is missing, incomplete or "
+                          "damaged: restore it, or train the member again into a new --out") from exc
+    return load_member_tensors(model, name, tensors, path)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -139,10 +154,22 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    """Read a training state without executing pickled code (``weights_only=True``)."""
+    """Read a training state without executing pickled code (``weights_only=True``). A state holding anything
+    but tensors and plain values, or a truncated file, is a ``ConfigError`` naming the file — never a hint to
+    load it unsafely."""
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{path}: refused: it holds objects other than tensors and plain values, which amt never "
+                          "loads (they could run code). Delete it and train the member again; a state written by "
+                          "amt train holds none") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}); the file is incomplete or damaged: "
+                          "delete it to train the member from the start, or restore it") from None
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -164,10 +191,19 @@ def truncate_metrics(path: Path, episode: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file amt wrote; an unreadable or damaged one is a ``ConfigError`` naming it and ``what`` it is."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: the {what} cannot be read ({exc}); the file is incomplete or damaged: restore "
+                          "it, or re-create it (amt train --out RUN --resume writes the manifest again)") from None
+
+
 def write_manifest(run: Path, header: dict) -> dict:
     """(Re)write ``pool.json`` from ``header`` and every member's ``member.json`` (members may be trained by
     separate processes; each writes only its own record, and the manifest is assembled from all of them)."""
-    members = [json.loads(p.read_text()) for p in sorted(run.glob(f"member*/{MEMBER_RECORD_FILE}"))]
+    members = [read_json(p, "member record") for p in sorted(run.glob(f"member*/{MEMBER_RECORD_FILE}"))]
     manifest = {**header, "members": sorted(members, key=lambda m: m["index"])}
     write_json(run / MANIFEST_FILE, manifest)
     return manifest
@@ -178,7 +214,11 @@ def read_manifest(run: Path) -> dict:
     path = run / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: train the pool first (amt train --out {run})")
-    return json.loads(path.read_text())
+    manifest = read_json(path, "pool manifest")
+    if not isinstance(manifest, dict) or not {"backbone_fingerprint", "mode", "config", "members"} <= set(manifest):
+        raise ConfigError(f"{path}: not a pool manifest written by amt train (keys backbone_fingerprint, mode, "
+                          "config, members); re-create it with amt train --out RUN --resume")
+    return manifest
 
 
 def check_fingerprint(manifest: dict, fingerprint: str, where: Path) -> None:

@@ -383,7 +383,7 @@ class _MemberRun:
             "optimizer": self.opt.state_dict(), "episode_rng": self.episode_gen.get_state()})
 
     def restore(self, state: dict) -> None:
-        scale = load_member_tensors(self.model, self.spec.name, state["weights"])
+        scale = load_member_tensors(self.model, self.spec.name, state["weights"], self.state_path)
         with torch.no_grad():
             self.scale.fill_(scale)
         self.opt.load_state_dict(state["optimizer"])
