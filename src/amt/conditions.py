@@ -108,7 +108,7 @@ def conditions(cfg: EvalConfig, attack: AttackConfig | None, autoattack: AutoAtt
                                  autoattack, methods=tuple(autoattack.methods)))
         if masking is not None and masking.n_tasks > 0:
             n = min(masking.n_tasks, cfg.n_tasks)
-            large = dataclasses.replace(attack, norm="linf", eps=masking.large_eps,
+            large = dataclasses.replace(attack, norm="linf", eps=masking.large_eps, restarts=1,  # one run suffices
                                         step_size=cfg.sweep_step_ratio * masking.large_eps)
             out += [Condition("adversarial", n, "large_eps", large),
                     Condition("adversarial", n, "many_steps", dataclasses.replace(attack, steps=masking.many_steps)),
