@@ -182,3 +182,14 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, caplog):
     assert main(["evaluate", "--out", str(tmp_path / "o"), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL,
                  "--set", "device=cuda"]) == 2
     assert "CUDA is not available" in caplog.text and not (tmp_path / "o" / "results.json").exists()
+
+
+def test_bad_settings_and_unwritable_output_fail_before_any_work_or_litter(tmp_path, caplog):
+    out = tmp_path / "pool"
+    common = ["--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN]
+    assert main(["train", "--out", str(out), *common, "--set", "pool.eps=[-0.01, 0.03]"]) == 2
+    assert "pool.eps holds [-0.01]" in caplog.text and not out.exists()  # no config.yaml, no member0/
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["evaluate", "--out", str(blocker / "run"), *common]) == 2
+    assert "cannot write into" in caplog.text and "choose a writable --out" in caplog.text

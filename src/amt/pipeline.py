@@ -35,7 +35,7 @@ from amt.data.transforms import build_transform
 from amt.distributed import close_distributed, init_distributed, is_main, world
 from amt.evaluate import evaluate, write_results
 from amt.methods import BackboneMethod, FinetunedMethod, Method, PoolMethod
-from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, save_config, write_json
+from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, check_writable, save_config, write_json
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ def validation_sets(domains: list[DomainConfig], cfg: ExperimentConfig) -> dict[
 
 def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     """Evaluate ``cfg.methods`` (PM and trained pools) on every domain: clean, adversarial, corrupted."""
-    cfg = resolve(cfg)
     out_dir = Path(out_dir)
+    check_writable(out_dir)  # before the work, not after it
+    cfg = resolve(cfg)
     torch.manual_seed(cfg.eval.seed)
     started = init_distributed()  # under torchrun: tasks are shared out across ranks and gathered
     try:
@@ -268,13 +269,14 @@ def run_train(
         read_manifest,
         write_manifest,
     )
-    from amt.train import MemberSpec, MetaTuning, member_record, train_member
+    from amt.train import MemberSpec, MetaTuning, check_settings, member_record, train_member
 
+    settings = MetaTuning(cfg.train, cfg.pool, cfg.perturb, cfg.head)
+    check_settings(settings, world()[0])  # before anything is generated or written
     cfg = resolve(cfg)
     if cfg.train_domain is None:
         raise ConfigError("meta-tuning needs `train_domain`")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     backbone = build_backbone(cfg.backbone).eval()
     fp = fingerprint(backbone.vit)
     if (out / MANIFEST_FILE).exists():
@@ -293,7 +295,7 @@ def run_train(
         raise ConfigError(f"--member {bad} out of range: this pool has {len(names)} member(s) (0..{len(names) - 1})")
     train_set = domain_dataset(cfg, cfg.train_domain, train=True)
     val_set = domain_dataset(cfg, cfg.train_domain, split="val")
-    settings = MetaTuning(cfg.train, cfg.pool, cfg.perturb, cfg.head)
+    check_writable(out)
     started = init_distributed()
     device = resolve_device(cfg.device)
     backbone.to(device)

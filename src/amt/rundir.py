@@ -64,6 +64,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and make sure files can be written there (``ConfigError`` otherwise), so a run
+    fails before its work rather than after it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".amt-write-check.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --out") from None
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path) as tmp:

@@ -405,6 +405,19 @@ class _MemberRun:
                 "seconds": time.perf_counter() - self.started_at}
 
 
+def check_settings(settings: MetaTuning, world: int = 1) -> None:
+    """Refuse settings that cannot train, before anything is written (``ConfigError`` naming the value)."""
+    _check_settings(settings.train, world)
+    bad = [e for e in settings.pool.eps if not 0 <= e <= 1] if settings.train.apq else []
+    if bad:
+        raise ConfigError(f"pool.eps holds {bad}: attack radii are pixel units in [0, 1], e.g. 0.0157 for 4/255")
+    if settings.train.apq and not settings.pool.step_ratio > 0:
+        raise ConfigError(f"pool.step_ratio={settings.pool.step_ratio} must be > 0 (the attack step is ratio · ε)")
+    if not settings.train.lr > 0 or settings.train.epochs * settings.train.episodes_per_epoch < 1:
+        raise ConfigError(f"train.lr={settings.train.lr} must be > 0 and train.epochs × train.episodes_per_epoch "
+                          f"({settings.train.epochs} × {settings.train.episodes_per_epoch}) at least 1")
+
+
 def _check_settings(cfg: TrainConfig, world: int) -> None:
     if cfg.episodes_per_step < 1 or cfg.episodes_per_step % world:
         raise ConfigError(f"train.episodes_per_step={cfg.episodes_per_step} must be a positive multiple of the "
