@@ -177,3 +177,43 @@ def test_presets_resolve_without_touching_the_placeholder_paths(name):
     assert resolved.domains == cfg.domains and resolved.train_domain == cfg.train_domain
     assert resolved.backbone.checkpoint == cfg.backbone.checkpoint
     assert resolved.precision == "fp32" and resolved.merge.trim_method == "gram"
+
+
+def test_metadataset_preset_runs_on_a_copy_laid_out_as_the_official_converter_writes_it(tmp_path):
+    """configs/paper/metadataset.yaml with its /path/to/metadataset placeholders pointed at tiny converted copies
+    (<records>/<dataset>/dataset_spec.json + <class id>.tfrecords, the published spec shapes): the training
+    domain's train and validation classes and every evaluation domain load as `amt train` / `amt evaluate` open
+    them, and each evaluation domain gives a 5-way episode."""
+    import torch
+
+    from amt.data.episodes import FixedSampler, load_episode
+    from amt.pipeline import domain_dataset, resolve, validation_sets
+    from test_metadataset import bilevel_spec, flat_spec, hierarchical_spec, write_converted
+
+    records = tmp_path / "records"
+    specs = {  # a few classes per split, in each source's published shape and split pattern
+        "ilsvrc_2012": hierarchical_spec("ilsvrc_2012", {"TRAIN": (6, 3), "VALID": (5, 2), "TEST": (5, 3)}),
+        "omniglot": bilevel_spec("omniglot", {"TRAIN": [3, 2], "VALID": [5], "TEST": [2, 3]}),
+        "traffic_sign": flat_spec("traffic_sign", (0, 0, 6)),
+        "mscoco": flat_spec("mscoco", (0, 5, 5)),
+    }
+    base = _load("metadataset.yaml")
+    for d in base.domains:
+        write_converted(records / d.name, specs.get(d.name) or flat_spec(d.name, (5, 5, 5)))
+    domains = [dict(to_dict(d), path=str(records / d.name)) for d in base.domains]
+    cfg = resolve(_load("metadataset.yaml", {"train_domain": {"path": str(records / "ilsvrc_2012")},
+                                             "domains": domains}))
+    assert cfg.train_domain.path == str(records / "ilsvrc_2012") and [d.name for d in cfg.domains] == META_DATASET
+
+    train = domain_dataset(cfg, cfg.train_domain, train=True)  # what `amt train` opens
+    val = domain_dataset(cfg, cfg.train_domain, split="val")
+    assert len(train.class_names) == 6 and len(val.class_names) == 5
+    assert train.class_names == sorted(train.class_names)  # ImageNet class ids: sorted WordNet ids of each split
+    assert train[0][0].shape == (3, cfg.backbone.image_size, cfg.backbone.image_size)
+    assert set(validation_sets(cfg.domains, cfg)) == set(META_DATASET) - {"traffic_sign"}  # no VALID classes
+    for d in cfg.domains:  # what `amt evaluate` opens
+        ds = domain_dataset(cfg, d)
+        sampler = FixedSampler(ds.indices_by_class(), n_way=cfg.eval.n_way, n_shot=1, n_query=2,
+                               generator=torch.Generator().manual_seed(0), name=d.name)
+        ep = load_episode(ds, sampler.sample())
+        assert ep.support_images.shape == (5, 3, 128, 128) and ep.query_images.shape == (10, 3, 128, 128), d.name

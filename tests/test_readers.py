@@ -1,4 +1,10 @@
-"""Dedicated readers: ISIC 2018 and ChestX-ray14 (BSCD-FSL) tables, FWT JSON file lists; `amt data check`."""
+"""Dedicated readers: ISIC 2018 and ChestX-ray14 (BSCD-FSL) tables, FWT JSON file lists; `amt data check`.
+
+The fixtures follow the published layouts (docs/data.md names the sources): the ISIC 2018 Task 3 ground
+truth (``image`` + the seven diagnosis columns, one-hot ``1.0``/``0.0``), NIH's ``Data_Entry_2017.csv``
+(its header splits ``OriginalImage[Width,Height]`` and ``OriginalImagePixelSpacing[x,y]`` at their commas and
+ends with one), and FWT's ``write_*_filelist.py`` output (every class in ``label_names``, novel classes
+``i % 4 == 3``, absolute image paths). Names and ids are made up."""
 
 import inspect
 import json
@@ -68,9 +74,10 @@ def chestx(tmp_path):
             ("00000006_000.png", "Pneumothorax"), ("00000007_000.png", "Pneumothorax"),
             ("00000008_000.png", "No Finding"), ("00000009_000.png", "Effusion|Mass"),
             ("00000010_000.png", "Pneumonia"), ("00000011_000.png", "Hernia")]
-    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"]
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+             "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
     for i, (image, labels) in enumerate(rows):
-        lines.append(f"{image},{labels},0,{i + 1},58,M,PA")
+        lines.append(f"{image},{labels},0,{i + 1},58,M,PA,2500,2048,0.168,0.168,")
         _image(root / "images" / image, grey=True)
     (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
     return root
@@ -78,15 +85,16 @@ def chestx(tmp_path):
 
 @pytest.fixture
 def filelist(tmp_path):
-    """A novel.json with classes 100..102 of 200 names, relative and absolute image paths."""
+    """A novel.json as FWT's write_cub_filelist.py writes it: label_names lists all 16 class folders (sorted),
+    the novel classes are i % 4 == 3 (here 3, 7, 11), image paths are absolute (one made relative here)."""
     root = tmp_path / "filelists" / "cub"
-    names = [f"{i:03d}.bird_{i}" for i in range(200)]
+    names = [f"{i + 1:03d}.Bird_{i + 1}" for i in range(16)]
     images, labels = [], []
-    for label, count in ((102, 2), (100, 3), (101, 2)):
+    for label, count in ((11, 2), (3, 3), (7, 2)):
         for k in range(count):
-            rel = f"images/{names[label]}/img_{label}_{k}.jpg"
+            rel = f"source/CUB_200_2011/images/{names[label]}/{names[label]}_{k}.jpg"
             _image(root / rel)
-            images.append(rel if k else str(root / rel))  # FWT's scripts write absolute paths
+            images.append(rel if k == 1 else str(root / rel))
             labels.append(label)
     path = root / "novel.json"
     path.write_text(json.dumps({"label_names": names, "image_names": images, "image_labels": labels}))
@@ -148,13 +156,13 @@ def test_chestx_bad_table_is_clear(chestx):
 
 def test_filelist_remaps_noncontiguous_labels(filelist, tmp_path):
     ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG, T16)
-    assert ds.class_names == ["100.bird_100", "101.bird_101", "102.bird_102"]
+    assert ds.class_names == ["004.Bird_4", "008.Bird_8", "012.Bird_12"]
     assert sorted(set(ds.targets)) == [0, 1, 2] and [len(c) for c in ds.indices_by_class()] == [3, 2, 2]
     assert all(ds.class_names[y] == p.parent.name and p.is_file() for p, y in ds.samples)
     _assert_images(ds)
-    ds = load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["102.bird_102"]), "test"),
+    ds = load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["012.Bird_12"]), "test"),
                      CFG, T16)
-    assert ds.class_names == ["102.bird_102"] and len(ds) == 2
+    assert ds.class_names == ["012.Bird_12"] and len(ds) == 2
     with pytest.raises(DataError, match=r"not in the data, e\.g\. \['nope'\]"):
         load_domain(DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["nope"]), "test"), CFG, T16)
 
@@ -164,7 +172,7 @@ def test_filelist_without_label_names_uses_the_numbers(filelist):
     del meta["label_names"]
     filelist.write_text(json.dumps(meta))
     ds = load_domain(DomainConfig("cub", str(filelist), format="filelist"), CFG, T16)
-    assert ds.class_names == ["100", "101", "102"]
+    assert ds.class_names == ["3", "7", "11"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -186,9 +194,9 @@ def test_filelist_errors_name_file_and_expectation(tmp_path, content, message):
 def test_check_domain_reports_missing_image(isic, chestx, filelist):
     (isic / "ISIC2018_Task3_Training_Input" / "ISIC_0004.jpg").unlink()
     (chestx / "images" / "00000006_000.png").unlink()
-    (filelist.parent / "images" / "101.bird_101" / "img_101_1.jpg").unlink()
+    (filelist.parent / "source/CUB_200_2011/images/008.Bird_8/008.Bird_8_1.jpg").unlink()
     for fmt, path, gone in (("isic", isic, "ISIC_0004.jpg"), ("chestx", chestx, "00000006_000.png"),
-                            ("filelist", filelist, "img_101_1.jpg")):
+                            ("filelist", filelist, "008.Bird_8_1.jpg")):
         report = check_domain(DomainConfig(fmt, str(path), format=fmt), CFG, n_way=2, n_shot=1, n_query=1)
         assert [p for p in report["problems"] if p.startswith("missing file")] == [
             f"missing file {p}" for p, _ in load_domain(DomainConfig(fmt, str(path), format=fmt), CFG, T16).samples
@@ -197,7 +205,7 @@ def test_check_domain_reports_missing_image(isic, chestx, filelist):
 
 
 def test_check_domain_reports_split_classes_absent(filelist, tmp_path):
-    domain = DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["100.bird_100", "gone"]), "test")
+    domain = DomainConfig("cub", str(filelist), "filelist", _splits(tmp_path, ["004.Bird_4", "gone"]), "test")
     report = check_domain(domain, CFG, n_way=1, n_shot=1, n_query=1)
     assert report["classes"] == 1 and any("'gone'" in p for p in report["problems"])
 
@@ -209,11 +217,11 @@ def test_data_check_cli_filelist(filelist, capsys):
                  "--n-query", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 classes, 7 readable images" in out and out.strip().endswith("OK")
-    (filelist.parent / "images" / "100.bird_100" / "img_100_2.jpg").write_bytes(b"not an image")
+    (filelist.parent / "source/CUB_200_2011/images/004.Bird_4/004.Bird_4_2.jpg").write_bytes(b"not an image")
     assert main(["data", "check", str(filelist), "--format", "filelist", "--n-way", "3", "--n-shot", "2",
                  "--n-query", "1"]) == 1
     out = capsys.readouterr().out
-    assert "unreadable image" in out and "img_100_2.jpg" in out and "fewer than 3" in out
+    assert "unreadable image" in out and "004.Bird_4_2.jpg" in out and "fewer than 3" in out
 
 
 def test_every_format_is_a_cli_choice(tmp_path):
@@ -233,3 +241,32 @@ def test_readers_do_not_import_the_metadataset_reader_until_used():
     code = ("import sys, amt.data.domains, amt.data.readers; "
             "assert not {'tfrecord', 'crc32c', 'amt.data.metadataset'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bscdfsl_folder_layouts(tmp_path):
+    """EuroSAT (``EuroSAT/2750/<class>/*.jpg``) and CropDisease (``dataset/train/<class>/*.jpg``; BSCD-FSL reads
+    only ``train``) are torchvision ImageFolder trees in BSCD-FSL's loaders: classes are the sorted folder names."""
+    eurosat = tmp_path / "EuroSAT" / "2750"
+    for c in ("River", "AnnualCrop", "SeaLake", "Forest"):
+        _image(eurosat / c / f"{c}_1.jpg")
+    crop = tmp_path / "CropDiseases" / "dataset"
+    for split, classes in (("train", ("Tomato___healthy", "Apple___Apple_scab")), ("test", ("Apple___Black_rot",))):
+        for c in classes:
+            _image(crop / split / c / f"{c}_1.JPG")
+    ds = load_domain(DomainConfig("eurosat", str(eurosat), format="folder"), CFG, T16)
+    assert ds.class_names == ["AnnualCrop", "Forest", "River", "SeaLake"]
+    ds = load_domain(DomainConfig("cropdisease", str(crop / "train"), format="folder"), CFG, T16)
+    assert ds.class_names == ["Apple___Apple_scab", "Tomato___healthy"] and len(ds) == 2  # .JPG counts too
+
+
+def test_data_check_cli_prints_classes_per_split(isic, tmp_path, capsys):
+    from amt.cli import main
+
+    args = ["data", "check", str(isic), "--format", "isic", "--n-way", "2", "--n-shot", "1", "--n-query", "1"]
+    assert main(args) == 1  # the fixture has images of 3 of the 7 classes only
+    assert "classes per split: no class splits given; all 7 classes are used" in capsys.readouterr().out
+    splits = tmp_path / "isic_splits.json"
+    splits.write_text(json.dumps({"val": ["NV"], "test": ["MEL", "VASC"]}))
+    assert main(args + ["--splits", str(splits), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "ISIC: 2 classes, 5 readable images" in out and "classes per split: val 1 / test 2 (checked: test)" in out

@@ -158,6 +158,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     counts = sorted(report["per_class"].values())
     print(f"{report['domain']}: {report['classes']} classes, {report['images']} readable images; "
           f"per class min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+
+    def per_split(counts: dict[str, int]) -> str:
+        return " / ".join(f"{k} {n}" for k, n in counts.items())
+
+    splits, published = report["classes_per_split"], report["published_classes_per_split"]
+    if splits is None:
+        print(f"classes per split: no class splits given; all {report['classes']} classes are used")
+    else:
+        line = f"classes per split: {per_split(splits)}" + (f" (checked: {domain.split})" if domain.split else "")
+        print(line if published is None else f"{line}; published: {per_split(published)}")
     for line in report["problems"]:
         print(f"problem: {line}")
     print("OK" if not report["problems"] else f"{len(report['problems'])} problem(s)")

@@ -60,6 +60,11 @@ class ImageDataset(torch.utils.data.Dataset):
         name: the domain's name, for logs and errors.
     """
 
+    # Classes per split ("train"/"val"/"test" → n) as the dataset itself defines them, and as its publisher
+    # gives them; None where the dataset does not know (set by readers that read a split specification).
+    classes_per_split: dict[str, int] | None = None
+    published_classes_per_split: dict[str, int] | None = None
+
     def __init__(
         self,
         samples: Sequence[tuple[Path, int]],

@@ -19,7 +19,7 @@ from amt.data.base import (
     MissingSplitError,
     Transform,
 )
-from amt.data.readers import FORMATS, READERS, Reader
+from amt.data.readers import FORMATS, READERS, Reader, load_splits
 
 
 def _reader(domain: DomainConfig) -> Reader:
@@ -64,12 +64,19 @@ def _identity(image: Image.Image) -> Image.Image:
 def check_domain(domain: DomainConfig, data: DataConfig, n_way: int = 5, n_shot: int = 5, n_query: int = 15) -> dict:
     """Validate a user's copy of one domain without stopping at the first problem (``amt data check``).
 
-    Returns ``{"domain", "classes", "images", "per_class": {name: n}, "problems": [str, ...]}``: split
-    classes absent from the data, missing files, unreadable images (each named), classes too small for
-    ``n_shot + n_query`` images, fewer than ``n_way`` usable classes. Structural errors (no folder, bad
-    table or file list, bad split file) raise :class:`DataError` as at load time. Each image is checked
-    by its dataset (:meth:`ImageDataset.check_image`); ``metadataset`` records are counted as the reader
-    finds them (it has already checked that every class file is there).
+    Returns ``{"domain", "classes", "images", "per_class": {name: n}, "classes_per_split",
+    "published_classes_per_split", "problems": [str, ...]}``: split classes absent from the data, missing
+    files, unreadable images (each named), classes too small for ``n_shot + n_query`` images, fewer than
+    ``n_way`` usable classes, class splits that differ from the published ones. Structural errors (no
+    folder, bad table or file list, bad split file) raise :class:`DataError` as at load time. Each image
+    is checked by its dataset (:meth:`ImageDataset.check_image`); ``metadataset`` records are counted as
+    the reader finds them (it has already checked that every class file is there).
+
+    ``classes_per_split`` is the number of classes of each split (``{"train": n, "val": n, "test": n}``)
+    as the domain defines them: the dataset's own (``metadataset``: its ``dataset_spec.json``), else the
+    lengths of the splits file's lists, else None (no splits: every class is used).
+    ``published_classes_per_split`` is what the dataset's publisher gives (Meta-Dataset's published specs),
+    or None; a copy whose splits differ from it is a problem.
     """
     data = dataclasses.replace(data, skip_unreadable=False, cache_decoded=False)  # report, don't skip
     reader = _reader(domain)
@@ -98,5 +105,13 @@ def check_domain(domain: DomainConfig, data: DataConfig, n_way: int = 5, n_shot:
     if usable < n_way:
         problems.append(f"only {usable} class(es) have {need}+ images; a {n_way}-way {n_shot}-shot task with "
                         f"{n_query} queries needs {n_way}")
+    splits = dataset.classes_per_split
+    if splits is None and domain.splits is not None:
+        splits = {name: len(classes) for name, classes in load_splits(domain.splits).items()}
+    published = dataset.published_classes_per_split
+    if splits is not None and published is not None and splits != published:
+        problems.append(f"classes per split {splits} differ from the published splits {published}; results "
+                        f"on this copy are not comparable with published ones")
     return {"domain": domain.name, "classes": len(per_class), "images": int(sum(per_class.values())),
-            "per_class": per_class, "problems": problems}
+            "per_class": per_class, "classes_per_split": splits, "published_classes_per_split": published,
+            "problems": problems}

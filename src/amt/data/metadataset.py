@@ -11,21 +11,32 @@ global class id). :func:`load_metadataset_domain` returns an :class:`~amt.data.b
 whose items are read one record at a time (seek to a byte offset found by one scan at construction), so
 episode samplers and evaluation work on it unchanged.
 
-Supported ``dataset_spec.json`` shapes (see :meth:`MetaDatasetSpec.from_dict`):
+Supported ``dataset_spec.json`` shapes, as the official converter writes them (the ``__class__`` field;
+see :meth:`MetaDatasetSpec.from_dict`):
 
-* flat (``DatasetSpecification``): ``classes_per_split`` with keys ``TRAIN``/``VALID``/``TEST`` or the
-  older ``Split.TRAIN``/... spelling, flat ``images_per_class``;
+* flat (``DatasetSpecification``: aircraft, cu_birds, dtd, quickdraw, fungi, vgg_flower, traffic_sign,
+  mscoco): ``classes_per_split`` with keys ``TRAIN``/``VALID``/``TEST`` (or the older ``Split.TRAIN``
+  spelling) and ``images_per_class`` keyed by class id;
 * bi-level (``BiLevelDatasetSpecification``, omniglot): ``superclasses_per_split`` +
-  ``classes_per_superclass`` instead of ``classes_per_split``;
-* hierarchical (``HierarchicalDatasetSpecification``, ilsvrc_2012): ``images_per_class`` nested per
-  split; the class hierarchy (``split_subgraphs``) is ignored, classes are taken in id order.
+  ``classes_per_superclass`` instead of ``classes_per_split``; a split's classes are those of its
+  superclasses, superclasses numbered train, valid, test;
+* hierarchical (``HierarchicalDatasetSpecification``, ilsvrc_2012 and ilsvrc_2012_v2): a split's classes
+  are the leaves of its WordNet subgraph ``split_subgraphs[split]`` (nodes without ``children_ids``);
+  class ids run over the train leaves, then valid, then test, each in sorted WordNet-id order, which is
+  what the official ``ImageNetConverter`` assigns (``class_names`` maps id → WordNet id and is checked
+  against the leaves). ``images_per_class[split]`` is keyed by WordNet id and covers every node of the
+  split's subgraph (an internal node counts the images below it); a class's count is its leaf's entry.
+
+:data:`PUBLISHED_CLASSES_PER_SPLIT` holds the class counts of the published specs, so a copy can be
+compared with them (``amt data check``).
 
 Not supported: ``file_pattern`` with more than one ``{}`` (episode-sharded dumps), ``SequenceExample``
 records, features other than ``image``/``label``.
 
-A class file whose record count differs from ``images_per_class`` is read as it is, with a warning
-naming the file and both counts (a partial copy is usable, but you should know); an empty, missing or
-truncated class file is a :class:`DataError`. Every record read is CRC-checked.
+A class file whose record count differs from ``images_per_class`` is read as it is, with one warning per
+split that counts such files and names up to three with both counts (a partial copy is usable, but you
+should know); an empty, missing or truncated class file is a :class:`DataError`. Every record read is
+CRC-checked.
 """
 
 from __future__ import annotations
@@ -73,6 +84,26 @@ def _by_split(d: dict, what: str, path: Path) -> dict[str, Any]:
     return {s: out.get(s, 0) for s in SPLITS} if what.endswith("per_split") else out
 
 
+PUBLISHED_CLASSES_PER_SPLIT: dict[str, dict[str, int]] = {
+    name: dict(zip(SPLITS, counts)) for name, counts in {
+        "ilsvrc_2012": (712, 158, 130),
+        "ilsvrc_2012_v2": (1000, 0, 0),
+        "omniglot": (883, 81, 659),
+        "aircraft": (70, 15, 15),
+        "cu_birds": (140, 30, 30),
+        "dtd": (33, 7, 7),
+        "quickdraw": (241, 52, 52),
+        "fungi": (994, 200, 200),
+        "vgg_flower": (71, 15, 16),
+        "traffic_sign": (0, 0, 43),
+        "mscoco": (0, 40, 40),
+    }.items()
+}
+"""Classes of ``TRAIN``/``VALID``/``TEST`` in the specs the Meta-Dataset project publishes
+(``meta_dataset/dataset_conversion/dataset_specs/<name>_dataset_spec.json``; the same numbers are in its
+README), keyed by the spec's ``name``."""
+
+
 @dataclass(frozen=True)
 class MetaDatasetSpec:
     """The parts of a ``dataset_spec.json`` this reader needs.
@@ -81,9 +112,11 @@ class MetaDatasetSpec:
         name: dataset name from the spec (e.g. ``"cu_birds"``).
         root: folder holding the spec and the class files.
         classes_per_split: number of classes of ``TRAIN``, ``VALID``, ``TEST``.
-        class_names: name of each global class id ``0..N-1`` (``str(id)`` where the spec has none).
+        class_names: name of each global class id ``0..N-1`` (``str(id)`` where the spec has none; the
+            WordNet id for ilsvrc_2012).
         images_per_class: record count of each class id according to the spec (may be partial).
         file_pattern: class file name with one ``{}`` for the class id.
+        kind: ``"flat"``, ``"bilevel"`` or ``"hierarchical"`` (module docstring).
     """
 
     name: str
@@ -92,6 +125,7 @@ class MetaDatasetSpec:
     class_names: dict[int, str]
     images_per_class: dict[int, int]
     file_pattern: str = "{}.tfrecords"
+    kind: str = "flat"
 
     @classmethod
     def load(cls, root: str | Path) -> MetaDatasetSpec:
@@ -118,27 +152,35 @@ class MetaDatasetSpec:
         ipc = raw.get("images_per_class")
         if not isinstance(ipc, dict):
             raise DataError(f"{path}: missing 'images_per_class' (an object class id → image count)")
-        nested = ipc and all(isinstance(v, dict) for v in ipc.values())
+        names_raw = raw.get("class_names") or {}
+        names = None
         try:
-            if nested:  # hierarchical (ilsvrc_2012): {split: {class_id: count}}
-                per_split = _by_split(ipc, "images_per_class", path)
-                images = {int(c): int(n) for d in per_split.values() for c, n in d.items()}
-                counts = {s: len(per_split.get(s, {})) for s in SPLITS}
+            if "split_subgraphs" in raw or raw.get("__class__") == "HierarchicalDatasetSpecification":
+                kind = "hierarchical"  # ilsvrc_2012
+                counts, names, images = _hierarchical(raw, ipc, names_raw, path)
+            elif any(isinstance(v, dict) for v in ipc.values()):
+                raise DataError(
+                    f"{path}: 'images_per_class' maps to objects (per-split WordNet counts of a hierarchical "
+                    f"spec) but there is no 'split_subgraphs' to tell which nodes are classes; use the "
+                    f"dataset_spec.json the official converter wrote"
+                )
             else:
                 images = {int(c): int(n) for c, n in ipc.items()}
                 if "classes_per_split" in raw:
+                    kind = "flat"
                     per_split = _by_split(raw["classes_per_split"], "classes_per_split", path)
                     counts = {s: int(n) for s, n in per_split.items()}
                 elif "superclasses_per_split" in raw:  # bi-level (omniglot)
+                    kind = "bilevel"
                     counts = _bilevel_counts(raw, path)
                 else:
                     raise DataError(
                         f"{path}: has neither 'classes_per_split' nor 'superclasses_per_split'; "
                         f"cannot tell which classes belong to which split"
                     )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
+        except DataError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{path}: malformed class counts: {exc}") from exc
         total = sum(counts.values())
         if sorted(images) != list(range(total)):
@@ -147,15 +189,20 @@ class MetaDatasetSpec:
                 f"{len(images)} class ids ({min(images, default=None)}..{max(images, default=None)}); "
                 f"expected ids 0..{total - 1}"
             )
-        names_raw = raw.get("class_names") or {}
-        names = {c: str(names_raw.get(str(c), names_raw.get(c, c))) for c in range(total)}
+        if names is None:
+            names = {c: str(names_raw.get(str(c), names_raw.get(c, c))) for c in range(total)}
         pattern = str(raw.get("file_pattern", "{}.tfrecords"))
         if pattern.count("{}") != 1:
             raise DataError(
                 f"{path}: file_pattern {pattern!r} is not supported; expected one '{{}}' for the class id "
                 f"(e.g. '{{}}.tfrecords')"
             )
-        return cls(str(raw.get("name", root.name)), root, counts, names, images, pattern)
+        return cls(str(raw.get("name", root.name)), root, counts, names, images, pattern, kind)
+
+    @property
+    def published_classes_per_split(self) -> dict[str, int] | None:
+        """Classes per split of the published spec of the same ``name`` (None for another dataset)."""
+        return PUBLISHED_CLASSES_PER_SPLIT.get(self.name)
 
     def class_ids(self, split: str) -> list[int]:
         """Global class ids of ``split`` (train, then valid, then test in id order)."""
@@ -168,6 +215,8 @@ class MetaDatasetSpec:
 
 
 def _bilevel_counts(raw: dict, path: Path) -> dict[str, int]:
+    """Classes per split of a bi-level spec: superclasses are numbered train, valid, test, and a split's
+    classes are those of its superclasses."""
     sup = {s: int(n) for s, n in _by_split(raw["superclasses_per_split"], "superclasses_per_split", path).items()}
     cps = raw.get("classes_per_superclass")
     if not isinstance(cps, dict):
@@ -175,9 +224,63 @@ def _bilevel_counts(raw: dict, path: Path) -> dict[str, int]:
     cps = {int(k): int(v) for k, v in cps.items()}
     counts, start = {}, 0
     for s in SPLITS:
+        missing = [k for k in range(start, start + sup[s]) if k not in cps]
+        if missing:
+            raise DataError(f"{path}: classes_per_superclass has no entry for superclass(es) {missing[:5]} "
+                            f"of split {s} (superclasses_per_split {sup})")
         counts[s] = sum(cps[k] for k in range(start, start + sup[s]))
         start += sup[s]
     return counts
+
+
+def _hierarchical(
+    raw: dict, ipc: dict, names_raw: dict, path: Path
+) -> tuple[dict[str, int], dict[int, str], dict[int, int]]:
+    """(classes per split, WordNet id of each class id, images of each class id) of a hierarchical spec.
+
+    A split's classes are the leaves of ``split_subgraphs[split]``, a list of nodes ``{"wn_id",
+    "children_ids", "parents_ids", ...}``; ids run over the sorted train leaves, then valid, then test
+    (``ImageNetConverter``). A ``class_names`` that does not give each split's id range exactly that
+    split's leaves raises :class:`DataError`; within a split its order is kept (the records follow it).
+    """
+    if "split_subgraphs" not in raw:
+        raise DataError(f"{path}: a HierarchicalDatasetSpecification needs 'split_subgraphs' (the WordNet "
+                        f"subgraph of each split, whose leaves are the classes)")
+    graphs = _by_split(raw["split_subgraphs"], "split_subgraphs", path)
+    per_split = _by_split(ipc, "images_per_class", path)
+    leaves: dict[str, list[str]] = {}
+    for s in SPLITS:
+        nodes = graphs.get(s, [])
+        if not isinstance(nodes, list) or not all(isinstance(n, dict) and "wn_id" in n for n in nodes):
+            raise DataError(f"{path}: split_subgraphs[{s!r}] must be a list of nodes "
+                            f"{{'wn_id': ..., 'children_ids': [...], ...}}")
+        leaves[s] = sorted(str(n["wn_id"]) for n in nodes if not n.get("children_ids"))
+    order = [w for s in SPLITS for w in leaves[s]]
+    if len(set(order)) != len(order):
+        raise DataError(f"{path}: a WordNet id is a leaf of more than one split's subgraph")
+    counts = {s: len(leaves[s]) for s in SPLITS}
+    names = dict(enumerate(order))
+    if names_raw:
+        given = {int(k): str(v) for k, v in names_raw.items()}
+        if sorted(given) != list(range(len(order))):
+            raise DataError(f"{path}: class_names has {len(given)} class ids but the split subgraphs have "
+                            f"{len(order)} leaves {counts}; expected ids 0..{len(order) - 1}")
+        start = 0
+        for s in SPLITS:
+            if {given[c] for c in range(start, start + counts[s])} != set(leaves[s]):
+                raise DataError(f"{path}: class_names of ids {start}..{start + counts[s] - 1} are not the "
+                                f"{counts[s]} leaves of split_subgraphs[{s!r}]; class ids must run over the "
+                                f"train leaves, then valid, then test")
+            start += counts[s]
+        names = given
+    split_of = {w: s for s in SPLITS for w in leaves[s]}
+    images = {}
+    for c, w in names.items():
+        split_counts = per_split.get(split_of[w], {})
+        if not isinstance(split_counts, dict) or w not in split_counts:
+            raise DataError(f"{path}: images_per_class[{split_of[w]!r}] has no count for leaf {w} (class {c})")
+        images[c] = int(split_counts[w])
+    return counts, names, images
 
 
 def scan_records(path: Path, limit: int | None = None) -> list[tuple[int, int]]:
@@ -227,6 +330,8 @@ class TFRecordImageDataset(ImageDataset):
         class_names: name of each label.
         class_ids: the global class id each label stands for (checked against each record's ``label``).
         transform, cache_decoded, name: as for :class:`ImageDataset`.
+        spec: the dataset's spec; it sets :attr:`classes_per_split` and :attr:`published_classes_per_split`
+            (``{"train": n, "val": n, "test": n}``, what ``amt data check`` reports; None without a spec).
 
     ``samples[i]`` is ``(class file, label)`` so code that reads labels from ``samples``/``targets`` works.
     """
@@ -239,11 +344,15 @@ class TFRecordImageDataset(ImageDataset):
         transform: Transform,
         cache_decoded: bool = False,
         name: str = "",
+        spec: MetaDatasetSpec | None = None,
     ) -> None:
         super().__init__([(p, y) for p, _, _, y in records], class_names, transform,
                          cache_decoded=cache_decoded, name=name)
         self.records = records
         self.class_ids = list(class_ids)
+        self.spec = spec
+        self.classes_per_split = _public(spec.classes_per_split) if spec else None
+        self.published_classes_per_split = _public(spec.published_classes_per_split) if spec else None
 
     def read_example(self, index: int) -> tuple[bytes, int]:
         """(encoded image bytes, record label) of image ``index``; a corrupt record raises ``DataError``."""
@@ -324,7 +433,7 @@ def load_metadataset_domain(
         )
     if max_images_per_class is not None and max_images_per_class < 1:
         raise DataError(f"max_images_per_class={max_images_per_class}; use None or a positive count")
-    records = []
+    records, differ = [], []
     for label, c in enumerate(ids):
         path = spec.class_file(c)
         found = scan_records(path, limit=max_images_per_class)
@@ -332,10 +441,17 @@ def load_metadataset_domain(
             raise DataError(f"{path}: class file has no records")
         expected = spec.images_per_class.get(c)
         if max_images_per_class is None and expected is not None and expected != len(found):
-            log.warning("%s: %d record(s) but dataset_spec.json says %d; using the %d found",
-                        path, len(found), expected, len(found))
+            differ.append(f"{path}: {len(found)} record(s) but dataset_spec.json says {expected}")
         records += [(path, off, length, label) for off, length in found]
+    if differ:  # one warning per split, not per class file (a partial ImageNet copy has hundreds)
+        log.warning("%d of %d class file(s) of split %r have another record count than dataset_spec.json, "
+                    "e.g. %s; using the records found", len(differ), len(ids), split, "; ".join(differ[:3]))
     return TFRecordImageDataset(
         records, [spec.class_names[c] for c in ids], ids, transform,
-        cache_decoded=cache_decoded, name=name if name is not None else spec.name,
+        cache_decoded=cache_decoded, name=name if name is not None else spec.name, spec=spec,
     )
+
+
+def _public(counts: dict[str, int] | None) -> dict[str, int] | None:
+    """``{"TRAIN": a, "VALID": b, "TEST": c}`` → ``{"train": a, "val": b, "test": c}`` (the config's names)."""
+    return None if counts is None else {"train": counts["TRAIN"], "val": counts["VALID"], "test": counts["TEST"]}
