@@ -193,3 +193,35 @@ def test_bad_settings_and_unwritable_output_fail_before_any_work_or_litter(tmp_p
     blocker.write_text("not a folder")
     assert main(["evaluate", "--out", str(blocker / "run"), *common]) == 2
     assert "cannot write into" in caplog.text and "choose a writable --out" in caplog.text
+
+
+def test_a_second_writer_is_refused_and_ctrl_c_checkpoints_training(tmp_path, caplog):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "pool"
+    common = ["--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN, "--set", "train.episodes_per_epoch=400",
+              "--set", "train.val_every=400", "--set", "train.checkpoint_every=1000"]
+    train = subprocess.Popen([sys.executable, "-m", "amt.cli", "train", "--out", str(out), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"RANK": "0"})
+    metrics = out / "member0" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        assert metrics.exists(), train.stderr.read() if train.poll() is not None else "no training started"
+        assert main(["train", "--out", str(out), *common, "--resume"]) == 2  # a second writer, at once
+        assert f"in use by process {train.pid}" in caplog.text
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    finally:
+        if train.poll() is None:
+            train.kill()
+    assert train.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    state = torch.load(out / "member0" / "state.pt", weights_only=True)
+    logged = [json.loads(x)["episode"] for x in metrics.read_text().splitlines()]
+    assert state["episode"] == logged[-1] >= 3 and logged == list(range(1, logged[-1] + 1))  # nothing lost
+    assert not (out / ".amt.lock").exists()

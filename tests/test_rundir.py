@@ -142,3 +142,29 @@ def test_damaged_files_are_named_and_never_loaded_unsafely(tmp_path):
     save_weights(tmp_path / "nan.safetensors", nan, {})
     with pytest.raises(ConfigError, match="NaN or infinite"):
         load_weights(model, "member0", tmp_path / "nan.safetensors")
+
+
+def test_a_run_directory_has_one_writer_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from amt.rundir import LOCK_FILE, run_lock
+
+    code = ("import sys, time; from amt.rundir import run_lock\n"
+            "with run_lock(sys.argv[1], 'amt train'):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by process {holder.pid} on .*amt train"), \
+                run_lock(tmp_path, "amt evaluate"):
+            pass
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # the holder's lock is intact
+    finally:
+        holder.kill()  # dies without releasing: a stale lock
+        holder.wait()
+    assert (tmp_path / LOCK_FILE).exists()
+    start = time.perf_counter()
+    with run_lock(tmp_path, "amt evaluate"):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] != holder.pid
+    assert not (tmp_path / LOCK_FILE).exists() and time.perf_counter() - start < 5

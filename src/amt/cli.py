@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:  # DataError is a ValueError
         logging.getLogger("amt").error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        logging.getLogger("amt").error("interrupted (Ctrl-C); finished files are kept, a training run continues "
+                                       "with --resume")
+        return 130
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from amt.data.transforms import build_transform
 from amt.distributed import close_distributed, init_distributed, is_main, world
 from amt.evaluate import evaluate, write_results
 from amt.methods import BackboneMethod, FinetunedMethod, Method, PoolMethod
-from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, check_writable, save_config, write_json
+from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, check_writable, run_lock, save_config, write_json
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,11 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     """Evaluate ``cfg.methods`` (PM and trained pools) on every domain: clean, adversarial, corrupted."""
     out_dir = Path(out_dir)
     check_writable(out_dir)  # before the work, not after it
+    with run_lock(out_dir, "amt evaluate"):
+        return _evaluate_run(cfg, out_dir)
+
+
+def _evaluate_run(cfg: ExperimentConfig, out_dir: Path) -> dict:
     cfg = resolve(cfg)
     torch.manual_seed(cfg.eval.seed)
     started = init_distributed()  # under torchrun: tasks are shared out across ranks and gathered
@@ -295,26 +300,29 @@ def run_train(
         raise ConfigError(f"--member {bad} out of range: this pool has {len(names)} member(s) (0..{len(names) - 1})")
     train_set = domain_dataset(cfg, cfg.train_domain, train=True)
     val_set = domain_dataset(cfg, cfg.train_domain, split="val")
-    check_writable(out)
-    started = init_distributed()
     device = resolve_device(cfg.device)
-    backbone.to(device)
-    backbone.autocast_dtype = precision_dtype(cfg.precision, device, training=True)
-    check_perturbations(backbone.autocast_dtype, cfg.pool.eps if cfg.train.apq else (), cfg.backbone.std,
+    dtype = precision_dtype(cfg.precision, device, training=True)
+    check_perturbations(dtype, cfg.pool.eps if cfg.train.apq else (), cfg.backbone.std,
                         cfg.perturb.eta if cfg.train.apsv and cfg.perturb.mode == "relative" else None)
-    main_rank = is_main()
-    try:
-        if main_rank:
-            save_config(cfg, out / CONFIG_FILE)
-        for i in indices:
-            spec = MemberSpec(i, names[i], member_dir(out, i))
-            summary = train_member(backbone, spec, train_set, val_set, settings, resume=resume, stop_after=stop_after)
+    check_writable(out)
+    with run_lock(out, "amt train"):
+        started = init_distributed()
+        backbone.to(device)
+        backbone.autocast_dtype = dtype
+        main_rank = is_main()
+        try:
             if main_rank:
-                write_json(spec.out_dir / MEMBER_RECORD_FILE, member_record(spec, cfg.pool, cfg.train, summary))
-                log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i, summary["episodes"],
-                         summary["best"]["val_acc"], summary["best"]["episode"])
-        manifest = write_manifest(out, header) if main_rank else {}
-    finally:
-        if started:
-            close_distributed()
+                save_config(cfg, out / CONFIG_FILE)
+            for i in indices:
+                spec = MemberSpec(i, names[i], member_dir(out, i))
+                summary = train_member(backbone, spec, train_set, val_set, settings, resume=resume,
+                                       stop_after=stop_after)
+                if main_rank:
+                    write_json(spec.out_dir / MEMBER_RECORD_FILE, member_record(spec, cfg.pool, cfg.train, summary))
+                    log.info("member %d: %d episodes, best validation %.2f%% at episode %d", i,
+                             summary["episodes"], summary["best"]["val_acc"], summary["best"]["episode"])
+            manifest = write_manifest(out, header) if main_rank else {}
+        finally:
+            if started:
+                close_distributed()
     return manifest

@@ -64,6 +64,65 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+LOCK_FILE = ".amt.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run: str | Path, what: str) -> Iterator[None]:
+    """Hold ``run/.amt.lock`` for the duration: a second writer of the same run directory fails at once with a
+    ``ConfigError`` naming the holder (process id, host, start time, what it does). A lock left by a dead process
+    on this host is taken over (with a warning). Only the first process of a torchrun job locks."""
+    import socket
+    import time
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "what": what}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                log.warning("%s: taking over the lock of process %s, which is no longer running", run, holder["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"{run} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                              f"(started {holder.get('started', '?')}: {holder.get('what', '?')}); wait for it to "
+                              f"finish, or use another --out. If no such process runs, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:  # pragma: no cover - two takeovers raced
+        raise ConfigError(f"{run}: could not take the lock {path}; retry")
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+
 def check_writable(folder: str | Path) -> None:
     """Create ``folder`` if needed and make sure files can be written there (``ConfigError`` otherwise), so a run
     fails before its work rather than after it."""

@@ -271,17 +271,25 @@ def train_member(
     end = run.total if stop_after is None else min(run.total, stop_after)
     bar = tqdm(range(run.episode, end), initial=run.episode, total=run.total, desc=spec.out_dir.name,
                dynamic_ncols=True, disable=not run.main)
-    for episode in bar:
-        result, lr = run.step(episode)
-        if run.main:
-            if on_episode is not None:
-                on_episode(episode + 1, result)
-            run.record(episode + 1, result, lr)
-            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.acc:.0f}", lr=f"{lr:.1e}",
-                            eps_s=f"{run.speed(episode + 1):.1f}")
-            if (episode + 1) % settings.train.checkpoint_every == 0 or episode + 1 == end:
-                run.checkpoint(episode + 1)
-    bar.close()
+    try:
+        for episode in bar:
+            result, lr = run.step(episode)
+            if run.main:
+                if on_episode is not None:
+                    on_episode(episode + 1, result)
+                run.record(episode + 1, result, lr)
+                bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.acc:.0f}", lr=f"{lr:.1e}",
+                                eps_s=f"{run.speed(episode + 1):.1f}")
+                if (episode + 1) % settings.train.checkpoint_every == 0 or episode + 1 == end:
+                    run.checkpoint(episode + 1)
+    except KeyboardInterrupt:
+        if run.main and run.recorded == run.episode > 0:  # the weights are those of the last logged episode
+            run.checkpoint(run.episode)
+            log.warning("%s: interrupted; checkpoint written at episode %d (continue with --resume)",
+                        spec.out_dir.name, run.episode)
+        raise
+    finally:
+        bar.close()
     return run.finish(end)
 
 
@@ -309,6 +317,7 @@ class _MemberRun:
         self.val_tasks = validation_tasks(val_set, cfg, cfg.seed + 7919)
         self.setup = _setup(settings, spec)
         self.episode, self.best, self.final, self.kept = 0, {"val_acc": -1.0, "episode": -1}, None, None
+        self.recorded = 0  # the last episode whose metrics line is written
         out = spec.out_dir
         self.state_path, self.weights_path, self.metrics_path = out / STATE_FILE, out / WEIGHTS_FILE, out / METRICS_FILE
 
@@ -368,6 +377,7 @@ class _MemberRun:
             if self.best["episode"] == done if cfg.keep == "best" else done == self.total:
                 self.keep(done, record["val_acc"])
         append_metrics(self.metrics_path, record)
+        self.recorded = done
 
     def keep(self, done: int, val_acc: float | None) -> None:
         metadata = {"episode": str(done)} | ({} if val_acc is None else {"val_acc": f"{val_acc:.4f}"})
@@ -389,6 +399,7 @@ class _MemberRun:
         self.opt.load_state_dict(state["optimizer"])
         self.episode_gen.set_state(state["episode_rng"])
         self.episode, self.best = int(state["episode"]), dict(state["best"])
+        self.recorded = self.episode
         self.final, self.kept = state.get("final"), state.get("kept")
 
     def speed(self, done: int) -> float:
