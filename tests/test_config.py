@@ -6,6 +6,7 @@ from amt.config import (
     ExperimentConfig,
     from_dict,
     load_config,
+    merge_dicts,
     parse_override,
     to_dict,
     variant_overrides,
@@ -64,7 +65,17 @@ def test_string_choices_are_checked_and_a_renamed_rule_says_its_new_name():
     with pytest.raises(ConfigError, match=r"trim_group_grid\[1\]"):
         from_dict(ExperimentConfig, {"merge": {"trim_group_grid": ["mlp", "ffn"]}})
     with pytest.raises(ConfigError, match="expected a number"):
-        from_dict(ExperimentConfig, {"attack": {"eps": "4/255"}})
+        from_dict(ExperimentConfig, {"attack": {"eps": "abc"}})
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(ExperimentConfig, {"attack": {"eps": "4/0"}})
+
+
+def test_float_fields_take_fractions_and_numeric_text():
+    cfg = load_config("configs/embedded.yaml", merge_dicts(parse_override("attack.eps=8/255"),
+                                                           parse_override("perturb.eta=1e-4")))
+    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.perturb.eta == pytest.approx(1e-4)
+    assert load_config("configs/embedded.yaml", parse_override("eval.eps_sweep=[2/255, 0.5/255]")).eval.eps_sweep \
+        == pytest.approx((2 / 255, 0.5 / 255))
 
 
 def test_variants_switch_apq_and_apsv_in_the_train_section():

@@ -1,9 +1,6 @@
-"""Configuration: frozen dataclasses per stage, the only place defaults live.
-
-Every field carries a comment with its meaning and unit. Presets are YAML files (``configs/``)
-whose keys mirror these dataclasses; unknown keys are an error naming the key and the valid ones.
-The resolved configuration is written next to every result (:func:`amt.rundir.save_config`).
-"""
+"""Configuration: frozen dataclasses per stage, the only place defaults live; every field has a comment with its
+meaning and unit. Presets are YAML files (``configs/``) whose keys mirror these dataclasses; unknown keys are an
+error naming the key and the valid ones. The resolved configuration is written next to every result."""
 
 from __future__ import annotations
 
@@ -369,9 +366,7 @@ class ConfigError(ValueError):
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -419,10 +414,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if len(args) != len(data):
             raise ConfigError(f"{where}: expected {len(args)} values, got {list(data)!r}")
         return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
-    if cls is float:
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return float(data)
-        raise ConfigError(f"{where}: expected a number, got {data!r} (write decimals, e.g. 0.0157 for 4/255)")
+    if cls is float:  # numbers, numeric text ("1e-4", which YAML leaves a string) and fractions ("4/255")
+        try:
+            if isinstance(data, str) and data.count("/") == 1:
+                num, den = data.split("/")
+                return float(num) / float(den)
+            if not isinstance(data, bool):
+                return float(data)
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass
+        raise ConfigError(f"{where}: expected a number, got {data!r} (e.g. 0.0157, 1e-4 or 4/255)")
     if cls in (int, str, bool) and not isinstance(data, cls):
         raise ConfigError(f"{where}: expected {cls.__name__}, got {data!r}")
     if cls is int and isinstance(data, bool):
@@ -430,8 +431,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return data
 
 
-# Hints for values that were renamed (appended to the error for an unknown choice).
-RENAMED = {"amt": " (the merge rule 'amt' is now called 'ttm': test-time merging)"}
+RENAMED = {"amt": " (the merge rule 'amt' is now called 'ttm': test-time merging)"}  # hints for renamed choices
 
 
 def from_dict(cls: type, data: dict) -> Any:
