@@ -56,25 +56,28 @@ _mean_colour = _Features(lambda x: x.mean(dim=(2, 3)))  # reliable on the colour
 _chance = _Chance(None)
 
 
-def test_evaluate_shares_tasks_and_reduces_queries_for_small_classes(tmp_path, caplog):
+def test_evaluate_shares_tasks_and_a_small_class_only_costs_its_own_place(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", 6, [12, 12, 12, 12, 12, 8])
     ds = _load(DomainConfig("d", str(root), in_domain=True), 8)
-    assert query_budget(ds.indices_by_class(), 5, 1, 15) == 7
+    assert query_budget(ds.indices_by_class(), 5, 1, 15) == 11  # five classes afford 11 queries: class_05 is left out
+    assert query_budget(ds.indices_by_class(), 6, 1, 15) == 7  # all six classes are needed: 8 - 1 queries
     cfg = EvalConfig(n_tasks=6, n_way=5, shots=(1, 5), n_query=15, corruptions=())
     domain = DomainConfig("d", str(root), in_domain=True)
     res = evaluate({"colour": _mean_colour, "chance": _chance}, [(domain, ds)], cfg)
     rows = {(r["method"], r["n_shot"]): r for r in res["results"]}
-    # no validation classes: 20% of every class is held out for validation (12 -> 9 and 8 -> 6 test images)
-    assert rows[("colour", 1)]["n_query"] == 5 and rows[("colour", 5)]["n_query"] == 1
+    # no validation classes: 20% of every class is held out for validation (12 -> 9 and 8 -> 6 test images);
+    # the five 9-image classes set the query count, and the 6-image class is left out, by name
+    assert rows[("colour", 1)]["n_query"] == 8 and rows[("colour", 5)]["n_query"] == 4
+    assert "left out 1 of 6 classes with fewer than 9 images: 'class_05' (6)" in caplog.text
     assert rows[("colour", 5)]["mean"] > 90.0  # classes are separable by colour
     assert rows[("chance", 1)]["mean"] == pytest.approx(20.0)  # argmax of ties picks class 0: 1/5 of queries
-    assert "using 5 queries per class" in caplog.text
+    assert "using 8 queries per class" in caplog.text
     again = evaluate({"colour": _mean_colour}, [(DomainConfig("d", str(root), in_domain=True), ds)], cfg)
     assert again["results"][0]["accuracies"] == rows[("colour", 1)]["accuracies"]
     path = write_results(res, tmp_path / "run")
     assert json.loads(path.read_text())["results"][0]["n_tasks"] == 6
     table = (tmp_path / "run" / "results.md").read_text()
-    assert "| colour | 5w1s |" in table and "5 queries per class" in table
+    assert "| colour | 5w1s |" in table and "8 queries per class" in table
     assert markdown_table(res) in table
 
 

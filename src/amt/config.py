@@ -152,7 +152,7 @@ class EvalConfig:
     n_tasks: int = 600  # tasks per domain and shot setting
     n_way: int = 5  # classes per task
     shots: tuple[int, ...] = (1, 5)  # K values evaluated
-    n_query: int = 15  # queries per class (fewer where a class is small; reported)
+    n_query: int = 15  # queries per class; classes too small are left out (named), fewer only if n_way cannot
     seed: int = 0  # seeds the task generator; every method sees the same tasks
     adversarial: bool = True  # evaluate the headline attack (`attack`) on the queries
     adv_tasks: int = 600  # tasks (of the n_tasks) attacked with the headline attack

@@ -49,15 +49,14 @@ def validation_seed(seed: int, domain: str, n_shot: int) -> int:
 
 
 def query_budget(class_indices: Sequence[Sequence[int]], n_way: int, n_shot: int, n_query: int) -> int:
-    """Queries per class the domain can afford: ``n_query``, or fewer where classes are small.
-
-    Classes with fewer than ``n_shot + 1`` images are left out (with a warning) by the sampler; the
-    budget is then capped by the smallest remaining class so every class gives the same count.
+    """Queries per class: ``n_query`` when at least ``n_way`` classes have ``n_shot + n_query`` images, else the
+    most that ``n_way`` classes can afford. Classes too small for the episode shape are left out by the sampler
+    (and named in its warning), so a small class never lowers the queries of the others beyond that.
     """
-    sizes = sorted((len(c) for c in class_indices if len(c) > n_shot), reverse=True)
-    if len(sizes) < n_way:
+    sizes = sorted((len(c) for c in class_indices), reverse=True)
+    if len(sizes) < n_way or sizes[n_way - 1] <= n_shot:
         return n_query  # the sampler raises the explanatory error
-    return max(1, min(n_query, sizes[-1] - n_shot))
+    return min(n_query, sizes[n_way - 1] - n_shot)
 
 
 def holdout_split(class_indices: Sequence[Sequence[int]], fraction: float,
@@ -101,7 +100,7 @@ def load_tasks(source: TaskSource, n_way: int, n_shot: int, n_query: int, n_task
                device: torch.device | str = "cpu") -> list[Episode]:
     """``n_tasks`` seeded episodes drawn from ``source``, loaded onto ``device`` (validation tasks)."""
     sampler = FixedSampler(source.class_indices, n_way, n_shot, n_query, torch.Generator().manual_seed(seed),
-                           source.dataset.name + " (validation)")
+                           source.dataset.name + " (validation)", source.dataset.class_names)
     return [load_episode(source.dataset, sampler.sample()).to(device) for _ in range(n_tasks)]
 
 
@@ -113,7 +112,7 @@ def evaluate_domain(
     stream seeded ``base_seed``."""
     n_tasks = max(c.n_tasks for c in conds)
     sampler = FixedSampler(source.class_indices, n_way, n_shot, n_query, torch.Generator().manual_seed(base_seed),
-                           source.dataset.name)
+                           source.dataset.name, source.dataset.class_names)
     mine = set(shard(n_tasks))
     per_task: dict[int, tuple[dict, dict]] = {}
     for t in tqdm(range(n_tasks), desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):

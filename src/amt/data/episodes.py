@@ -69,12 +69,17 @@ class Sampler(Protocol):
     def sample(self) -> EpisodeIndices: ...
 
 
-def _eligible(class_indices: Sequence[Sequence[int]], need: int, n_way: int, what: str) -> list[int]:
-    """Classes with at least ``need`` images; warn about the others, fail if fewer than ``n_way`` remain."""
+def _eligible(class_indices: Sequence[Sequence[int]], need: int, n_way: int, what: str,
+              class_names: Sequence[str] | None = None) -> list[int]:
+    """Classes with at least ``need`` images; warn about the others (naming them), fail if fewer than ``n_way``
+    remain."""
     keep = [c for c, idx in enumerate(class_indices) if len(idx) >= need]
-    dropped = len(class_indices) - len(keep)
+    dropped = [c for c in range(len(class_indices)) if c not in set(keep)]
     if dropped:
-        log.warning("%s: left out %d of %d classes with fewer than %d images", what, dropped, len(class_indices), need)
+        named = ", ".join(f"{class_names[c] if class_names else c!r} ({len(class_indices[c])})" for c in dropped[:5])
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        log.warning("%s: left out %d of %d classes with fewer than %d images: %s%s", what, len(dropped),
+                    len(class_indices), need, named, more)
     if len(keep) < n_way:
         raise EpisodeError(
             f"{what}: only {len(keep)} of {len(class_indices)} classes have at least {need} images, "
@@ -90,7 +95,8 @@ class FixedSampler:
         class_indices: dataset indices of each class (``ImageDataset.indices_by_class()``).
         n_way, n_shot, n_query: episode shape.
         generator: the only source of randomness.
-        name: used in warnings and errors.
+        name: used in warnings and errors; class_names: names of the classes, for the warning about classes
+            too small for the episode shape (which are left out).
     """
 
     def __init__(
@@ -101,13 +107,14 @@ class FixedSampler:
         n_query: int,
         generator: torch.Generator,
         name: str = "dataset",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if n_way < 1 or n_shot < 1 or n_query < 0:
             raise EpisodeError(f"invalid episode shape n_way={n_way}, n_shot={n_shot}, n_query={n_query}")
         self.class_indices = [torch.as_tensor(list(c), dtype=torch.long) for c in class_indices]
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.generator = generator
-        self.classes = _eligible(class_indices, n_shot + n_query, n_way, name)
+        self.classes = _eligible(class_indices, n_shot + n_query, n_way, name, class_names)
 
     def sample(self) -> EpisodeIndices:
         g = self.generator
