@@ -225,3 +225,39 @@ def test_a_second_writer_is_refused_and_ctrl_c_checkpoints_training(tmp_path, ca
     logged = [json.loads(x)["episode"] for x in metrics.read_text().splitlines()]
     assert state["episode"] == logged[-1] >= 3 and logged == list(range(1, logged[-1] + 1))  # nothing lost
     assert not (out / ".amt.lock").exists()
+
+
+def test_ctrl_c_during_evaluation_keeps_the_finished_cells_as_partial_results(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    out = tmp_path / "ev"
+    args = [sys.executable, "-m", "amt.cli", "evaluate", "--out", str(out), "--set", f"cache_dir={tmp_path / 'c'}",
+            *SMALL, "--set", "eval.n_tasks=40", "--set", "eval.adv_tasks=20"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"RANK": "0"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not any("PM" in ln and "greek" in ln and "clean" in ln for ln in lines):
+            time.sleep(0.2)  # until the first greek cell is logged: latin's two cells and greek 1-shot are done
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=5)
+    text = "".join(lines)
+    assert proc.returncode == 130 and "Traceback" not in text and "interrupted" in text
+    partial = json.loads((out / "results.partial.json").read_text())
+    cells = {(r["domain"], r["n_shot"]) for r in partial["results"]}
+    assert {("latin", 1), ("latin", 5), ("greek", 1)} <= cells and len(cells) < 10
+    assert partial["partial"].startswith(f"interrupted after {len(cells)} of 10")
+    assert not (out / "results.json").exists() and not (out / ".amt.lock").exists()
+    assert main(["report", str(out)]) == 0 and "Partial results" in (out / "report" / "report.md").read_text()

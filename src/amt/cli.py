@@ -140,7 +140,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from amt.report import render_report
 
     path = Path(args.run_dir)
-    path = path / "results.json" if path.is_dir() else path
+    if path.is_dir():  # the complete results, else what an interrupted evaluation finished
+        path = next((p for p in (path / "results.json", path / "results.partial.json") if p.is_file()),
+                    path / "results.json")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a run directory written by `amt evaluate`/`amt demo`")
     out = Path(args.out) if args.out else path.parent / "report"

@@ -38,6 +38,14 @@ from amt.stats import mean_ci95
 log = logging.getLogger(__name__)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`evaluate`; ``results`` holds the (domain, shot) cells finished so far, marked partial."""
+
+    def __init__(self, results: dict) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
 def task_seed(seed: int, domain: str, n_shot: int) -> int:
     """Stable seed of the task stream of one (domain, shot) pair (independent of Python's hash salt)."""
     return zlib.crc32(f"{seed}/{domain}/{n_shot}".encode()) & 0x7FFFFFFF
@@ -181,35 +189,48 @@ def evaluate(
     conds = conditions(cfg, attack, autoattack, masking, list(methods))
     rows, tuning, flags = [], {}, {}
     start = time.perf_counter()
-    for domain, dataset in domains:
-        test, val = _sources(domain, dataset, (validation or {}).get(domain.name), cfg)
-        for shot in cfg.shots:
-            tuned = _tune(methods, domain, val, shot, cfg, device) if tunable else {}
-            n_query = query_budget(test.class_indices, cfg.n_way, shot, cfg.n_query)
-            if n_query < cfg.n_query:
-                log.warning("%s %d-shot: classes are small, using %d queries per class instead of %d",
-                            domain.name, shot, n_query, cfg.n_query)
-            seed = task_seed(cfg.seed, domain.name, shot)
-            accs, records = evaluate_domain(methods, test, cfg.n_way, shot, n_query, conds, seed,
-                                            desc=f"{domain.name} {cfg.n_way}w{shot}s", device=device)
-            for method, per_cond in accs.items():
-                for c in conds:
-                    a = per_cond[c.key()]
-                    if a:
-                        mean, ci = mean_ci95(a)
-                        rows.append(dict(method=method, domain=domain.name, in_domain=domain.in_domain,
-                                         n_way=cfg.n_way, n_shot=shot, n_query=n_query, n_tasks=len(a),
-                                         **c.describe(), mean=mean, ci95=ci, accuracies=a))
-                log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot,
-                         *mean_ci95(per_cond[conds[0].key()]))
-                if masking is not None and masking.n_tasks > 0 and attack is not None:
-                    flags.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = masking_flags(
-                        {c: per_cond[c.key()] for c in conds}, masking)
-            for method, info in tuned.items():
-                coeffs = [r.coefficients for r in records[method] if r.coefficients is not None]
-                tuning.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = (
-                    info | ({"coefficients": coeffs} if coeffs else {}))
+    try:
+        for domain, dataset in domains:
+            test, val = _sources(domain, dataset, (validation or {}).get(domain.name), cfg)
+            for shot in cfg.shots:
+                tuned = _tune(methods, domain, val, shot, cfg, device) if tunable else {}
+                n_query = query_budget(test.class_indices, cfg.n_way, shot, cfg.n_query)
+                if n_query < cfg.n_query:
+                    log.warning("%s %d-shot: classes are small, using %d queries per class instead of %d",
+                                domain.name, shot, n_query, cfg.n_query)
+                seed = task_seed(cfg.seed, domain.name, shot)
+                accs, records = evaluate_domain(methods, test, cfg.n_way, shot, n_query, conds, seed,
+                                                desc=f"{domain.name} {cfg.n_way}w{shot}s", device=device)
+                cell = []  # the rows of this (domain, shot), added at once
+                for method, per_cond in accs.items():
+                    for c in conds:
+                        a = per_cond[c.key()]
+                        if a:
+                            mean, ci = mean_ci95(a)
+                            cell.append(dict(method=method, domain=domain.name, in_domain=domain.in_domain,
+                                             n_way=cfg.n_way, n_shot=shot, n_query=n_query, n_tasks=len(a),
+                                             **c.describe(), mean=mean, ci95=ci, accuracies=a))
+                    log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot,
+                             *mean_ci95(per_cond[conds[0].key()]))
+                    if masking is not None and masking.n_tasks > 0 and attack is not None:
+                        flags.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = masking_flags(
+                            {c: per_cond[c.key()] for c in conds}, masking)
+                rows.extend(cell)
+                for method, info in tuned.items():
+                    coeffs = [r.coefficients for r in records[method] if r.coefficients is not None]
+                    tuning.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = (
+                        info | ({"coefficients": coeffs} if coeffs else {}))
+    except KeyboardInterrupt:
+        done = len({(r["domain"], r["n_shot"]) for r in rows})
+        raise Interrupted(_results(cfg, start, rows, tuning, flags, partial=f"interrupted after {done} of "
+                                   f"{len(domains) * len(cfg.shots)} (domain, shot) cells")) from None
+    return _results(cfg, start, rows, tuning, flags)
+
+
+def _results(cfg: EvalConfig, start: float, rows: list, tuning: dict, flags: dict, partial: str | None = None) -> dict:
+    """The JSON-ready results (``partial``: why only some cells are there)."""
     return {
+        **({"partial": partial} if partial else {}),
         "protocol": {"n_way": cfg.n_way, "shots": list(cfg.shots), "n_query": cfg.n_query, "n_tasks": cfg.n_tasks,
                      "seed": cfg.seed, "adv_tasks": cfg.adv_tasks, "sweep_tasks": cfg.sweep_tasks,
                      "corruption_tasks": cfg.corruption_tasks, "val_tasks": cfg.val_tasks,

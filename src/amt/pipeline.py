@@ -33,9 +33,18 @@ from amt.data.base import ImageDataset
 from amt.data.domains import load_domain, validation_set
 from amt.data.transforms import build_transform
 from amt.distributed import close_distributed, init_distributed, is_main, world
-from amt.evaluate import evaluate, write_results
+from amt.evaluate import Interrupted, evaluate, write_results
 from amt.methods import BackboneMethod, FinetunedMethod, Method, PoolMethod
-from amt.rundir import CONFIG_FILE, MANIFEST_FILE, atomic_write, check_writable, run_lock, save_config, write_json
+from amt.rundir import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    PARTIAL_RESULTS_FILE,
+    atomic_write,
+    check_writable,
+    run_lock,
+    save_config,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +161,14 @@ def run_evaluate(cfg: ExperimentConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     check_writable(out_dir)  # before the work, not after it
     with run_lock(out_dir, "amt evaluate"):
-        return _evaluate_run(cfg, out_dir)
+        try:
+            return _evaluate_run(cfg, out_dir)
+        except Interrupted as exc:
+            if is_main():
+                path = out_dir / PARTIAL_RESULTS_FILE
+                write_json(path, exc.results)
+                log.warning("%s; the finished cells are in %s (amt report %s)", exc.results["partial"], path, path)
+            raise
 
 
 def _evaluate_run(cfg: ExperimentConfig, out_dir: Path) -> dict:

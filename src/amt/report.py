@@ -255,6 +255,8 @@ def main_table(results: dict, fmt: str = "md") -> str:
                      "kind, [95% CI] (per-domain variances combined), * where the CI excludes 0.")
     if adv := select(results, "adversarial"):
         notes.append("PGD: " + _attack_label(adv[0]["attack"]) + ".")
+    if results.get("partial"):
+        notes.insert(0, f"PARTIAL: {results['partial']}.")
     if aa := select(results, "autoattack"):
         notes.append(f"AA: {_attack_label(aa[0]['attack'])}, on the first {aa[0]['n_tasks']} tasks.")
     if corr := select(results, "corruption"):
@@ -308,6 +310,8 @@ def _tables(results: dict) -> dict[str, str]:
     files = {"main.csv": main_table(results, "csv")}
     md = [f"# Results\n\nProtocol: {p['n_way']}-way, {p.get('n_query', '?')} queries per class, "
           f"{p.get('n_tasks', '?')} tasks, seed {p.get('seed', '?')}.\n", "## Summary\n", main_table(results), ""]
+    if results.get("partial"):
+        md.insert(1, f"**Partial results: {results['partial']}.**\n")
     for cond in CONDITIONS:
         for shot in sorted({r["n_shot"] for r in select(results, cond)}):
             name = f"{cond}_{shot}shot.csv"

@@ -9,7 +9,7 @@ Layout written by ``amt train --out RUN`` (``amt evaluate``/``amt demo`` add res
     RUN/member{i}/state.pt         resumable training state (torch.save; read with weights_only=True)
     RUN/member{i}/metrics.jsonl    one JSON line per episode
     RUN/member{i}/member.json      the member's manifest entry (members may be trained by separate processes)
-    RUN/results.json, results.md   evaluation results (``amt evaluate``)
+    RUN/results.json, results.md   evaluation results (``amt evaluate``); results.partial.json if interrupted
 
 Every file is written through :func:`atomic_write` (temporary sibling, then ``os.replace``), so a run that
 fails or is killed never leaves a half-written file in place of a good one.
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "pool.json"
 RESULTS_FILE = "results.json"
+PARTIAL_RESULTS_FILE = "results.partial.json"  # what an interrupted evaluation finished (never replaces results.json)
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
