@@ -82,3 +82,12 @@ def test_variants_switch_apq_and_apsv_in_the_train_section():
     assert variant_overrides("apq_only") == {"train": {"apsv": False}}
     clean = from_dict(ExperimentConfig, variant_overrides("clean_lora"))
     assert not clean.train.apq and not clean.train.apsv
+
+
+def test_the_default_preset_is_found_from_any_folder(tmp_path, monkeypatch):
+    from amt.cli import _config, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    assert _config(build_parser().parse_args(["glyphs"])).backbone.arch == "amt_glyph_vit"
+    with pytest.raises(ConfigError, match="does not exist"):  # an explicit path is taken as given
+        _config(build_parser().parse_args(["glyphs", "--config", "configs/nope.yaml"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from amt.config import (
     variant_overrides,
 )
 
+DEFAULT_CONFIG = "configs/embedded.yaml"
 # `amt data check --format`: the formats a domain accepts (amt.data.readers.READERS has one reader for each)
 DATA_FORMATS = typing.get_args(typing.get_type_hints(DomainConfig)["format"])
 
@@ -78,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
-    p.add_argument("--config", default="configs/embedded.yaml", help="YAML preset (default: %(default)s)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML preset (default: %(default)s, found from any "
+                   "folder of a source checkout)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set eval.n_tasks=50 (repeatable)")
+                   help="override a config value, e.g. --set eval.n_tasks=50 or --set attack.eps=8/255 (repeatable); "
+                   f"sections: {', '.join(f.name for f in dataclasses.fields(ExperimentConfig))} "
+                   "(their fields: src/amt/config.py)")
     if out_default is not None:
         p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
 
@@ -90,7 +95,10 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     overrides: dict = variant_overrides(args.variant) if getattr(args, "variant", None) else {}
     for text in args.set or []:
         overrides = merge_dicts(overrides, parse_override(text))
-    return load_config(args.config, overrides)
+    path = Path(args.config)
+    if args.config == DEFAULT_CONFIG and not path.is_file():  # run from another folder: the checkout's own preset
+        path = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+    return load_config(path, overrides)
 
 
 def _first_rank() -> bool:
