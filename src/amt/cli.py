@@ -85,7 +85,7 @@ def _add_config(p: argparse.ArgumentParser, out_default: str | None = None) -> N
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set eval.n_tasks=50 or --set attack.eps=8/255 (repeatable); "
                    f"sections: {', '.join(f.name for f in dataclasses.fields(ExperimentConfig))} "
-                   "(their fields: src/amt/config.py)")
+                   "(their fields: src/amt/config/sections.py)")
     if out_default is not None:
         p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
 
