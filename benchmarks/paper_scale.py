@@ -216,6 +216,7 @@ def end_to_end(out: Path, device: str, precision: str, episodes: int, tasks: int
     classes = sorted(p.name for p in data.iterdir())
     (out / "splits.json").write_text(json.dumps({"train": classes[:15], "val": classes[15:20], "test": classes[20:]}))
     common = ["--config", "configs/paper/dino_vits16.yaml", "--set", "backbone.checkpoint=null",
+              "--set", "backbone.random_init=true",
               "--set", f"backbone.arch={arch}", "--set", f"backbone.image_size={image_size}",
               "--set", f"device={device}", "--set", f"precision={precision}",
               "--set", f"train_domain={{name: syn, path: {data}, format: folder, splits: {out / 'splits.json'}, "

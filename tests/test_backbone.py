@@ -14,7 +14,7 @@ from torch import nn
 
 from amt.backbone import Backbone, build_backbone, build_vit
 from amt.checkpoints import CheckpointError, fingerprint, load_checkpoint, save_backbone
-from amt.config import LORA_TARGETS, BackboneConfig
+from amt.config import LORA_TARGETS, BackboneConfig, ConfigError
 
 from conftest import gen, tiny_backbone, tiny_vit
 
@@ -301,7 +301,9 @@ def test_fingerprint_stable_and_sensitive():
 
 
 def test_random_backbone_is_the_same_in_every_build_and_leaves_the_global_rng_alone():
-    cfg = BackboneConfig(arch="vit_tiny_test", image_size=32, checkpoint=None)
+    with pytest.raises(ConfigError, match="backbone.checkpoint is not set.*random_init=true"):
+        build_backbone(BackboneConfig(arch="vit_tiny_test", image_size=32))  # a forgotten checkpoint
+    cfg = BackboneConfig(arch="vit_tiny_test", image_size=32, checkpoint=None, random_init=True)
     torch.manual_seed(1)
     a = build_backbone(cfg)
     after_a = torch.rand(3)

@@ -295,8 +295,12 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     (:func:`amt.checkpoints.load_checkpoint`).
 
     Without a checkpoint the weights are timm's random init drawn with seed 0 (the global RNG state is
-    left as it was), so every command builds the same random backbone and pools trained on it load back.
+    left as it was), so every command builds the same random backbone and pools trained on it load back; that
+    must be asked for (``cfg.random_init``): a forgotten checkpoint is an error, not a silent random ViT.
     """
+    if not cfg.checkpoint and not cfg.random_init:
+        raise ConfigError(f"backbone.checkpoint is not set for {cfg.arch}: give the local weights file "
+                          "(--set backbone.checkpoint=PATH), or set backbone.random_init=true for random weights")
     if cfg.checkpoint:
         vit = build_vit(cfg.arch, cfg.image_size)
         load_checkpoint(vit, cfg.checkpoint, key=cfg.checkpoint_key)

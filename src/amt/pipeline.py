@@ -209,7 +209,8 @@ def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
     """Pre-train the configured backbone on the training domain; write ``out`` (.safetensors) + ``.json``."""
     from amt.pretrain import pretrain
 
-    cfg = resolve(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, checkpoint=None)))
+    cfg = resolve(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, checkpoint=None,
+                                                                         random_init=True)))
     if cfg.train_domain is None:
         raise ConfigError("pretraining needs `train_domain`")
     out = Path(out).with_suffix(".safetensors")

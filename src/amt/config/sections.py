@@ -80,7 +80,8 @@ class BackboneConfig:
     """A timm ViT and the local checkpoint it is loaded from (never a hub download)."""
 
     arch: str = "vit_small_patch16_224"  # timm model name, or a project architecture ("amt_glyph_vit")
-    checkpoint: str | None = None  # local weights file (.pth/.pt/.safetensors); None = random init
+    checkpoint: str | None = None  # local weights file (.pth/.pt/.safetensors); None needs random_init
+    random_init: bool = False  # allow no checkpoint: timm's random init, seed 0 (tests, timing, pre-training)
     # sub-dict of the checkpoint to load ("auto": the first of teacher, model, state_dict, student, ...)
     checkpoint_key: Literal["auto", "teacher", "student", "model", "state_dict", "none"] = "auto"
     image_size: int = 128  # network input side, pixels (images are resized to it); position embeddings follow
