@@ -20,6 +20,7 @@ from amt.config import (
     parse_override,
     variant_overrides,
 )
+from amt.rundir import PARTIAL_RESULTS_FILE, RESULTS_FILE
 
 DEFAULT_CONFIG = "configs/embedded.yaml"
 # `amt data check --format`: the formats a domain accepts (amt.data.readers.READERS has one reader for each)
@@ -122,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run_evaluate(_config(args), args.out)
     if _first_rank():
-        print(render_report(Path(args.out) / "results.json", Path(args.out) / "report"))
+        print(render_report(Path(args.out) / RESULTS_FILE, Path(args.out) / "report"))
     return 0
 
 
@@ -149,8 +150,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = Path(args.run_dir)
     if path.is_dir():  # the complete results, else what an interrupted evaluation finished
-        path = next((p for p in (path / "results.json", path / "results.partial.json") if p.is_file()),
-                    path / "results.json")
+        path = next((p for p in (path / RESULTS_FILE, path / PARTIAL_RESULTS_FILE) if p.is_file()),
+                    path / RESULTS_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a run directory written by `amt evaluate`/`amt demo`")
     out = Path(args.out) if args.out else path.parent / "report"

@@ -25,7 +25,7 @@ from torch import nn
 from amt.attacks import adversarial_queries
 from amt.config import AttackConfig, AutoAttackConfig, EvalConfig, MaskingConfig
 from amt.data.episodes import Episode
-from amt.methods import LogitsFn
+from amt.methods import LogitsFn, accuracy
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,10 @@ def measure(c: Condition, logits_fn: LogitsFn, episode: Episode, t: int, base_se
     q, y = episode.query_images, episode.query_labels
     if c.kind == "clean":
         with torch.no_grad():
-            return _percent(logits_fn(q).argmax(-1).cpu() == y.cpu())
+            return accuracy(logits_fn(q), y)
     if c.kind == "corruption":
         with torch.no_grad():
-            return _percent(logits_fn(corrupted[c.key()]).argmax(-1).cpu() == y.cpu())
+            return accuracy(logits_fn(corrupted[c.key()]), y)
     if c.kind == "gradient":
         return _percent(nonzero_input_gradients(logits_fn, q, y))
     seed = int(torch.randint(2**31 - 1, (), generator=task_generator(base_seed, t, salt)))

@@ -51,7 +51,7 @@ def masking_flags(per_condition: Mapping[Condition, Sequence[float]], cfg: Maski
         "black_box_stronger": "square" in by_role and bool(white) and acc(by_role["square"]) < min(white) - tol,
         "zero_gradients": "gradient" in by_role and min(list(per_condition[by_role["gradient"]])[:n]) < 100.0,
     }
-    labels = {"clean": "clean", **{f"linf {eps * 255:.3g}/255 ({c.role})": c for eps, c in linf}}
-    accuracy = {label: acc(by_role["clean"]) if c == "clean" else acc(c) for label, c in labels.items()}
-    accuracy |= {r: acc(by_role[r]) for r in ("many_steps", "square", "autoattack", "gradient") if r in by_role}
+    labels = {"clean": by_role["clean"], **{f"linf {eps * 255:.3g}/255 ({c.role})": c for eps, c in linf},
+              **{r: by_role[r] for r in ("many_steps", "square", "autoattack", "gradient") if r in by_role}}
+    accuracy = {label: acc(c) for label, c in labels.items()}
     return {"flags": flags, "accuracy": accuracy, "n_tasks": n, "masking": any(flags.values())}

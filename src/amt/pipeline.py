@@ -39,6 +39,7 @@ from amt.rundir import (
     CONFIG_FILE,
     MANIFEST_FILE,
     PARTIAL_RESULTS_FILE,
+    RESULTS_FILE,
     atomic_write,
     check_writable,
     run_lock,
@@ -263,7 +264,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
         manifest = run_train(with_variant(cfg, name), out / name, resume=True)
         tables.append(f"Meta-tuning `{name}` ({out / name}):\n\n{training_table(manifest)}")
     run_evaluate(dataclasses.replace(cfg, methods=demo_methods(out)), out)
-    tables.append(render_report(out / "results.json", out / "report"))
+    tables.append(render_report(out / RESULTS_FILE, out / "report"))
     tables.append(f"Full report: {out / 'report' / 'report.md'}")
     log.info("demo finished in %.0f s; results in %s", time.perf_counter() - start, out)
     return "\n\n".join(tables)
