@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from amt.attacks import adversarial_queries
 from amt.backbone import Backbone
-from amt.config import AugmentConfig, LoRAConfig, MergeConfig
+from amt.config import AttackConfig, AugmentConfig, LoRAConfig, MergeConfig
 from amt.lora import active_adapter, inject_lora, lora_layers
 from amt.merge import (
     MemberScores,
@@ -173,3 +174,53 @@ def test_gram_and_svd_trimming_agree():
         w = torch.randn(*shape, generator=g)
         for rho in (0.9, 0.5, 0.1):
             torch.testing.assert_close(trim_weight(w, rho, "gram"), trim_weight(w, rho, "svd"), atol=1e-5, rtol=1e-5)
+
+
+def test_adversarial_member_scores_are_measured_on_pseudo_queries_attacked_against_each_member():
+    model = make_pool()
+    x, y = make_support()
+    pseudo, py = pseudo_queries(x, y, AUG, gen(0))
+    scales = [7.0, 10.0, 13.0]
+    attack = AttackConfig(eps=16 / 255, step_size=8 / 255, steps=2)
+    scores = member_scores(model, NAMES, scales, x, y, 3, pseudo, py, attack, gen(3))
+    plain = member_scores(model, NAMES, scales, x, y, 3, pseudo, py)
+    assert plain.adv_compactness is None and torch.equal(plain.compactness, scores.compactness)
+    g = gen(3)  # the members draw their random starts one after the other from the one generator
+    for i, name in enumerate(NAMES):
+        with active_adapter(model, name):
+            with torch.no_grad():
+                protos = F.normalize(torch.stack([model(x)[y == c].mean(0) for c in range(3)]), dim=-1)
+            probes, labels = pseudo[: len(x)], py[: len(x)]  # one augmented copy of every support image
+            adv = adversarial_queries(attack, lambda q: scales[i] * F.normalize(model(q), dim=-1) @ protos.T,  # noqa: B023
+                                      probes, labels=labels, generator=g)
+            with torch.no_grad():
+                cos = F.normalize(model(adv), dim=-1) @ protos.T
+        assert (adv - probes).abs().max() <= 16 / 255 + 1e-6 and torch.equal(labels, y)
+        own = cos[torch.arange(len(labels)), labels]
+        assert float(scores.adv_compactness[i]) == pytest.approx(float(own.mean()), abs=1e-5)
+        assert float(scores.adv_divergence[i]) == pytest.approx(float(((cos.sum(1) - own) / 2).mean()), abs=1e-5)
+    assert bool((scores.adv_compactness < scores.compactness).all())  # the attack pulls queries off their class
+
+
+def test_adversarial_weight_blends_the_clean_and_adversarial_weightings():
+    c, v = torch.tensor([0.9, 0.7, 0.7]), torch.tensor([0.2, 0.1, 0.3])
+    ca, va = torch.tensor([0.3, 0.6, 0.5]), torch.tensor([0.2, 0.2, 0.3])
+    scores = MemberScores(c, v, torch.zeros(3), ca, va)
+    clean = merge_coefficients(MemberScores(c, v, torch.zeros(3)), 0.5, 6.0, 3)
+    adv = merge_coefficients(MemberScores(ca, va, torch.zeros(3)), 0.5, 6.0, 3)
+    mixed = 0.75 * clean + 0.25 * adv
+    assert torch.allclose(merge_coefficients(scores, 0.5, 6.0, 3, 0.0), clean)
+    assert torch.allclose(merge_coefficients(scores, 0.5, 6.0, 3, 1.0), adv)
+    assert torch.allclose(merge_coefficients(scores, 0.5, 6.0, 3, 0.25), mixed)
+    two = merge_coefficients(scores, 0.5, 6.0, 1, 0.25)  # top-1 each: the clean and the robust member
+    assert torch.allclose(two, torch.tensor([0.75, 0.25, 0.0]))
+    assert int(clean.argmax()) == 0 and int(adv.argmax()) == 1  # the weight moves to the robust member
+    with pytest.raises(ValueError, match="adversarial member scores"):
+        merge_coefficients(MemberScores(c, v, torch.zeros(3)), 0.5, 6.0, 3, 0.5)
+
+
+def test_grid_puts_the_paper_rule_first_and_checks_the_adversarial_weights():
+    grid = merge_grid(MergeConfig(lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(1.0,), adv_weight_grid=(0.0, 0.5)))
+    assert [p.adv_weight for p in grid] == [0.0, 0.5]
+    with pytest.raises(ValueError, match="adv_weight_grid"):
+        merge_grid(MergeConfig(adv_weight_grid=(1.5,)))

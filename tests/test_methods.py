@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amt.config import AugmentConfig, FinetuneConfig, MergeConfig
+from amt.config import AttackConfig, AugmentConfig, FinetuneConfig, MergeConfig
 from amt.data.episodes import Episode
 from amt.head import cosine_logits, prototypes
 from amt.lora import active_adapter
-from amt.merge import MergeParams, merged_task
+from amt.merge import MemberScores, MergeParams, merge_coefficients, merged_task
 from amt.methods import BackboneMethod, FinetunedMethod, Method, PoolMethod
 from amt.rundir import LoadedPool
 
@@ -25,8 +25,11 @@ SCALES = (7.0, 10.0, 13.0)
 POOL = LoadedPool(tuple(NAMES), SCALES)
 
 
-def _method(rule="ttm", member_index=0, cfg=CFG, model=None) -> PoolMethod:
-    return PoolMethod(model or make_pool(), POOL, rule, cfg, AUG, member_index)
+ATTACK = AttackConfig(eps=16 / 255, step_size=4 / 255, steps=2)
+
+
+def _method(rule="ttm", member_index=0, cfg=CFG, model=None, attack=None) -> PoolMethod:
+    return PoolMethod(model or make_pool(), POOL, rule, cfg, AUG, member_index, attack)
 
 
 def _queries(n=6, seed=5, grad=False):
@@ -154,7 +157,7 @@ def test_tuning_picks_the_first_best_grid_point_by_hand():
 def test_a_single_grid_point_needs_no_validation_tasks_and_many_do():
     one = _method("ttm", cfg=MergeConfig(lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(1.0,)))
     assert not one.tunable and one.tune([], gen)["chosen"] == {"lambda": 0.5, "beta": 6.0, "rho": 1.0,
-                                                                "trim_group": "none"}
+                                                                "trim_group": "none", "adv_weight": 0.0}
     with pytest.raises(ValueError, match="val_tasks"):
         _method("ttm").tune([], gen)
     assert not _method("uniform").tunable and _method("uniform").tune([], gen) == {"rule": "uniform",
@@ -190,3 +193,53 @@ def test_finetuning_lr_is_tuned_on_the_validation_tasks():
     info = method.tune(_tasks(2), lambda t: gen(t))
     accs = [v["acc"] for v in info["finetune"]["lr_validation"]]
     assert method.lr == (0.0, 5e-2)[accs.index(max(accs))] == info["finetune"]["chosen_lr"]
+
+
+def test_robust_selection_weighs_clean_and_robust_validation_accuracy():
+    grid = dict(lambda_grid=(0.0, 1.0), beta_grid=(2.0,), rho_grid=(1.0, 0.3), trim_group_grid=("all",),
+                adv_weight_grid=(0.0, 1.0), select_steps=2)
+    tasks = _tasks()
+    infos = {}
+    for objective, w in (("clean", 0.5), ("robust", 0.5), ("balance", 0.0), ("balance", 0.3), ("balance", 1.0)):
+        method = _method("ttm", cfg=MergeConfig(objective=objective, robust_weight=w, **grid), attack=ATTACK)
+        info = method.tune(tasks, lambda t: gen(100 + t))
+        assert info["chosen"] == method.params.as_dict() and len(info["validation"]) == 8
+        infos[objective, w] = info
+    clean = [v["acc"] for v in infos["clean", 0.5]["validation"]]
+    robust = [v["robust_acc"] for v in infos["robust", 0.5]["validation"]]
+    first_max = lambda values: max(range(len(values)), key=lambda i: (values[i], -i))  # noqa: E731
+    grid_dicts = [v["params"] for v in infos["clean", 0.5]["validation"]]
+    assert infos["clean", 0.5]["chosen"] == grid_dicts[first_max(clean)]
+    assert infos["robust", 0.5]["chosen"] == grid_dicts[first_max(robust)]
+    for w in (0.0, 0.3, 1.0):  # the same validation runs (same seeds): the objective is the weighted mean
+        val = infos["balance", w]["validation"]
+        assert [v["acc"] for v in val] == pytest.approx(clean)
+        assert [v["robust_acc"] for v in val] == pytest.approx(robust)
+        value = [(1 - w) * c + w * r for c, r in zip(clean, robust)]
+        assert [v["objective"] for v in val] == pytest.approx(value)
+        assert infos["balance", w]["chosen"] == grid_dicts[first_max(value)]
+        assert infos["balance", w]["selection"]["robust_weight"] == w
+    assert "robust_acc" not in infos["clean", 0.5]["validation"][0]
+    for tol in (0.0, 5.0, 100.0):  # the most robust point within tol of the best clean one
+        method = _method("ttm", cfg=MergeConfig(objective="constrained", clean_tolerance=tol, **grid), attack=ATTACK)
+        info = method.tune(tasks, lambda t: gen(100 + t))
+        allowed = [i for i, c in enumerate(clean) if c >= max(clean) - tol]
+        assert info["chosen"] == grid_dicts[max(allowed, key=lambda i: (robust[i], -i))]
+        assert info["selection"] == {"objective": "constrained", "clean_tolerance": tol, "selection_attack": {
+            "eps": ATTACK.eps, "steps": 2, "step_size": pytest.approx(2.5 * ATTACK.eps / 2)}}
+
+
+def test_adversarial_scores_need_the_threat_model_and_steer_the_test_time_merge():
+    cfg = MergeConfig(lambda_grid=(0.5,), beta_grid=(6.0,), rho_grid=(1.0,), adv_weight_grid=(1.0,))
+    with pytest.raises(ValueError, match="attack"):
+        _method("ttm", cfg=cfg)
+    with pytest.raises(ValueError, match="robust_weight"):
+        _method("ttm", cfg=MergeConfig(robust_weight=1.5), attack=ATTACK)
+    method = _method("ttm", cfg=cfg, attack=ATTACK)
+    x, y = make_support()
+    scores = method.scores(x, y, 3, gen(4), adversarial=True)
+    with method.adapt(x, y, 3, gen(4)) as (_, record):
+        pass
+    adv_only = MemberScores(scores.adv_compactness, scores.adv_divergence, scores.support_ce)
+    assert record.coefficients == pytest.approx(merge_coefficients(adv_only, 0.5, 6.0, 2).tolist())
+    assert record.coefficients != pytest.approx(merge_coefficients(scores, 0.5, 6.0, 2).tolist())

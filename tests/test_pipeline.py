@@ -1,5 +1,6 @@
 """End to end through the `amt` command: real glyph benchmark files, the shipped backbone, results on disk."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from amt.backbone import Backbone, build_vit
 from amt.checkpoints import fingerprint, load_checkpoint
 from amt.cli import main
-from amt.config import AugmentConfig, DataConfig, DomainConfig, PretrainConfig
+from amt.config import AugmentConfig, ConfigError, DataConfig, DomainConfig, MethodConfig, PretrainConfig
 from amt.data.domains import load_domain
 from amt.data.transforms import build_transform
 from amt.pipeline import embedded_asset
@@ -44,7 +45,8 @@ def test_shipped_backbone_loads_strictly_and_matches_its_record():
 
 def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["demo", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN]
+    args = ["demo", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN,
+            "--set", "demo.train_episodes=4"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     domains = {r["domain"] for r in results["results"]}
@@ -53,43 +55,95 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     for r in results["results"]:
         n = 1 if r["condition"] == "adversarial" and not r["attack"]["headline"] else expected[r["condition"]]
         assert len(r["accuracies"]) == n == r["n_tasks"], r
-    assert {r["method"] for r in results["results"]} == {"PM", "Clean LoRA", "AMT"}
+    assert {r["method"] for r in results["results"]} == {"PM", "AMT"}
     conditions = {(r["condition"], (r.get("corruption") or {}).get("name")) for r in results["results"]}
     assert conditions == {("clean", None), ("adversarial", None), ("corruption", "gaussian_noise"),
                           ("corruption", "fog"), ("autoattack", None), ("gradient", None)}
     assert {r["method"] for r in results["results"] if r["condition"] == "autoattack"} == {"PM", "AMT"}
     headline = next(r for r in results["results"] if r["condition"] == "adversarial" and r["attack"]["headline"])
     assert headline["attack"]["restarts"] == 2 and headline["attack"]["eps"] == pytest.approx(8 / 255, rel=1e-4)
-    assert set(results["masking"]) == {"PM", "Clean LoRA", "AMT"}  # every method is checked
+    assert set(results["masking"]) == {"PM", "AMT"}  # every method is checked
     assert all(set(info["flags"]) >= {"rises_with_eps", "zero_gradients"} for per in results["masking"].values()
                for per_shot in per.values() for info in per_shot.values())
     tuning = results["tuning"]["AMT"]["latin"]
     assert set(tuning) == {"1", "5"}  # tuned per shot
     assert tuning["1"]["validation_tasks"] == "validation classes" and set(tuning["1"]["chosen"]) >= {"lambda", "rho"}
-    assert all(abs(sum(z) - 1) < 1e-5 for z in tuning["1"]["coefficients"]) and len(tuning["5"]["coefficients"]) == 3
-    assert "Clean LoRA" not in results["tuning"]  # nothing to tune
+    shipped = json.loads((embedded_asset("glyph_pool") / MANIFEST_FILE).read_text())
+    n_members = len(shipped["members"])
+    assert all(abs(sum(z) - 1) < 1e-5 and len(z) == n_members for z in tuning["1"]["coefficients"])
+    assert len(tuning["5"]["coefficients"]) == 3
     assert (out / "report" / "report.md").is_file() and (out / "report" / "accuracy_vs_eps.png").is_file()
     assert (out / "config.yaml").is_file() and "amt_glyph_vit" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out
-    assert "AMT" in printed and "Clean LoRA" in printed and "PGD" in printed
+    assert "AMT" in printed and "PGD" in printed
     assert "| Δ AMT − PM | 5w1s |" in printed and "AA OOD" in printed  # paired differences in the main table
-    assert "Meta-tuning `amt`" in printed and "| member1 | 7.65 |" in printed and "| member0 | clean |" in printed
-    pool = json.loads((out / "amt" / "pool.json").read_text())
-    assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])
-    weights = (out / "amt" / "member1" / "weights.safetensors").read_bytes()
+    # the short meta-tuning run: one member of the recipe, trained and validated; the shipped pool's table too
+    assert "a short run of member 0" in printed and "The evaluated AMT pool" in printed
+    short = json.loads((out / "short_run" / "pool.json").read_text())
+    assert [m["index"] for m in short["members"]] == [0] and short["members"][0]["finished"]
+    assert short["members"][0]["episodes"] == 4 and short["members"][0]["best"]["val_acc"] > 20
     (out / "report" / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report" / "report.md").is_file()  # from results.json alone
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert len(results["spectra"]["AMT"]) == 2 and all(
         a >= b for sv in results["spectra"]["AMT"].values() for a, b in zip(sv, sv[1:]))
-    # a second run with the same settings reuses the finished pool
-    assert main(["train", "--out", str(out / "amt"), "--resume", *args[3:]]) == 0
-    assert (out / "amt" / "member1" / "weights.safetensors").read_bytes() == weights
     # a failed run into the same directory leaves the earlier results untouched
     before = (out / "results.json").read_bytes()
     rc = main(["evaluate", "--out", str(out), "--set", "benchmark=custom",
                "--set", f"domains=[{{name: x, path: {tmp_path / 'missing'}}}]"])
     assert rc == 2 and (out / "results.json").read_bytes() == before
+
+
+def test_demo_without_a_shipped_pool_meta_tunes_the_whole_pool_and_reuses_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["demo", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN,
+            "--set", "demo.pool=null", "--set", "glyphs.eval_domains=[latin, greek]", "--set", "eval.shots=[1]",
+            "--set", "autoattack.version=none", "--set", "masking.n_tasks=0", "--set", "eval.corruptions=[]"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Meta-tuning the AMT pool" in printed
+    assert "| member1 | 7.65 |" in printed and "| member0 | clean |" in printed
+    pool = json.loads((out / "amt" / "pool.json").read_text())
+    assert len(pool["members"]) == 2 and all(m["finished"] for m in pool["members"])
+    results = json.loads((out / "results.json").read_text())
+    assert all(len(z) == 2 for z in results["tuning"]["AMT"]["latin"]["1"]["coefficients"])
+    weights = (out / "amt" / "member1" / "weights.safetensors").read_bytes()
+    # a second run with the same settings reuses the finished pool
+    assert main(["train", "--out", str(out / "amt"), "--resume", *args[3:]]) == 0
+    assert (out / "amt" / "member1" / "weights.safetensors").read_bytes() == weights
+
+
+def test_shipped_pool_loads_onto_the_shipped_backbone_and_matches_its_export_record():
+    from amt.config import load_config
+    from amt.pipeline import build_methods, resolve
+    from amt.rundir import check_export
+
+    path = embedded_asset("glyph_pool")
+    check_export(path)  # every file with its recorded sha256
+    record = json.loads((path / "export.json").read_text())
+    assert "amt export-pool" in record["command"] and not any(f.endswith("state.pt") for f in record["files"])
+    cfg = load_config("configs/embedded.yaml")
+    assert cfg.demo.pool == "embedded:glyph_pool"
+    cfg = resolve(dataclasses.replace(cfg, benchmark="custom", domains=(DomainConfig("x", "."),),
+                                      methods=(MethodConfig("AMT", pool=cfg.demo.pool),)))
+    methods, _ = build_methods(cfg)  # backbone and W_res fingerprints checked, every member loaded strictly
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert methods["AMT"].pool_names == tuple(m["name"] for m in manifest["members"])
+    assert len(manifest["members"]) == len(manifest["config"]["pool"]["eps"]) >= 4
+
+
+def test_a_damaged_export_is_refused_naming_the_file(tmp_path):
+    import shutil
+
+    from amt.rundir import check_export
+
+    copy = tmp_path / "pool"
+    shutil.copytree(embedded_asset("glyph_pool"), copy)
+    check_export(copy)
+    weights = copy / "member1" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ConfigError, match="member1/weights.safetensors"):
+        check_export(copy)
 
 
 def test_shipped_backbone_is_far_above_random_init(tmp_path):

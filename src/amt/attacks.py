@@ -455,3 +455,21 @@ def adversarial_queries(
                        "may not move; set random_start=True")
     loss_fn = make_objective(cfg.objective, logits_fn, clean_logits=clean_logits, labels=labels)
     return run_attack(cfg, loss_fn, query_images, generator=generator, model=model)
+
+
+def robust_under_pgd(attack: AttackConfig, logits_fn: LogitsFn, images: torch.Tensor, labels: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``[Q]`` bool: the queries classified correctly at every point PGD evaluated — the start and every
+    iterate of each of ``attack.restarts`` runs, and each run's final images (the worst case)."""
+    robust = torch.ones(len(images), dtype=torch.bool)
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        logits = logits_fn(x)
+        robust.logical_and_(logits.detach().argmax(-1).cpu() == labels.cpu())
+        return logits
+
+    for _ in range(max(1, attack.restarts)):
+        x_adv = adversarial_queries(attack, recording, images, labels=labels, generator=generator)
+        with torch.no_grad():
+            recording(x_adv)
+    return robust

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and stop once N episodes are done (continue later with --resume)")
     p.set_defaults(run=cmd_train)
 
+    p = sub.add_parser("export-pool", help="copy a finished pool without its training state, with the sha256 of "
+                                           "every file (how the shipped pool is made: `make pool`)")
+    p.add_argument("run_dir", metavar="run", help="pool directory written by `amt train --out`")
+    p.add_argument("dest", help="new folder (or an earlier export, which is replaced)")
+    p.set_defaults(run=cmd_export_pool)
+
     p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
     p.add_argument("run_dir", metavar="run", help="run directory holding results.json (or the results file itself)")
     p.add_argument("--out", help="report directory (default: RUN/report)")
@@ -108,6 +114,16 @@ def _first_rank() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- verbs
+
+
+def cmd_export_pool(args: argparse.Namespace) -> int:
+    import shlex
+
+    from amt.rundir import export_pool
+
+    record = export_pool(args.run_dir, args.dest, "amt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(f"exported {len(record['files'])} files to {args.dest}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

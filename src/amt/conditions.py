@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amt.attacks import adversarial_queries
+from amt.attacks import robust_under_pgd
 from amt.config import AttackConfig, AutoAttackConfig, EvalConfig, MaskingConfig
 from amt.data.episodes import Episode
 from amt.methods import LogitsFn, accuracy
@@ -160,24 +160,6 @@ def corrupted_queries(episode: Episode, conds: Sequence[Condition], t: int,
 # ----------------------------------------------------------------------------------------------
 # Measuring one task
 # ----------------------------------------------------------------------------------------------
-
-
-def robust_under_pgd(attack: AttackConfig, logits_fn: LogitsFn, images: torch.Tensor, labels: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """``[Q]`` bool: the queries classified correctly at every point PGD evaluated — the start and every
-    iterate of each of ``attack.restarts`` runs, and each run's final images (the worst case)."""
-    robust = torch.ones(len(images), dtype=torch.bool)
-
-    def recording(x: torch.Tensor) -> torch.Tensor:
-        logits = logits_fn(x)
-        robust.logical_and_(logits.detach().argmax(-1).cpu() == labels.cpu())
-        return logits
-
-    for _ in range(max(1, attack.restarts)):
-        x_adv = adversarial_queries(attack, recording, images, labels=labels, generator=generator)
-        with torch.no_grad():
-            recording(x_adv)
-    return robust
 
 
 def nonzero_input_gradients(logits_fn: LogitsFn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ Per task, from the support set only:
 2. for every member i (its adapter active): prototypes p_{i,c} from the clean support, then
    C_i = mean cosine of the pseudo-queries to their own prototype (compactness) and
    V_i = mean over pseudo-queries of the mean cosine to the N−1 other prototypes (divergence);
-3. score_i = λ·C_i − (1−λ)·V_i, u_i = exp(−β(1 − score_i)); keep the top-k, ζ = u / Σ_topk u;
+   robustness-aware (beyond the paper, γ > 0): C_i^adv, V_i^adv on the pseudo-queries attacked against member i;
+3. score_i = λ·C_i − (1−λ)·V_i, u_i = exp(−β(1 − score_i)); keep the top-k, ζ = u / Σ_topk u (Algorithm 2);
+   robustness-aware: ζ^adv the same from C^adv, V^adv, and ζ ← (1−γ)·ζ + γ·ζ^adv (γ = 0: Algorithm 2);
 4. W' = W_res + Σ ζ_i B_i A_i in every adapted layer (:func:`amt.lora.merged`, restored bit-for-bit);
 5. singular-value trimming of W' on the chosen layer group: keep the top ρ fraction of singular values.
 
@@ -17,6 +19,7 @@ The rules that use these pieces, and the per-task models, are in :mod:`amt.metho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amt.config import AugmentConfig, MergeConfig
+from amt.attacks import adversarial_queries
+from amt.config import AttackConfig, AugmentConfig, MergeConfig
 from amt.head import cosine_logits, prototypes
 from amt.lora import active_adapter, lora_layers, merged
 
@@ -91,42 +95,91 @@ class MemberScores:
     compactness: Tensor  # C_i: mean cosine of pseudo-queries to their own prototype
     divergence: Tensor  # V_i: mean cosine of pseudo-queries to the other prototypes
     support_ce: Tensor  # cross-entropy of the pseudo-queries at the member's logit scale ("no TTM" rule)
+    adv_compactness: Tensor | None = None  # C_i on the pseudo-queries attacked against member i (None: not measured)
+    adv_divergence: Tensor | None = None  # V_i on the same attacked pseudo-queries
 
 
-@torch.no_grad()
+def _compactness_divergence(cos: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+    """(C, V) from cosines ``[M, N]`` of M pseudo-queries to the N prototypes."""
+    own = cos.gather(1, labels[:, None]).squeeze(1)
+    return own.mean(), ((cos.sum(1) - own) / (n_way - 1)).mean()
+
+
 def member_scores(
     model: nn.Module, names: Sequence[str], scales: Sequence[float], support_images: Tensor, support_labels: Tensor,
-    n_way: int, pseudo_images: Tensor, pseudo_labels: Tensor,
+    n_way: int, pseudo_images: Tensor, pseudo_labels: Tensor, attack: AttackConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> MemberScores:
     """C_i, V_i and the pseudo-query CE of every member (one forward of support + pseudo-queries each).
 
-    ``scales[i]`` is member i's logit scale, used only for its cross-entropy.
+    ``scales[i]`` is member i's logit scale (its cross-entropy, and the attack's logits). With ``attack`` (the
+    robustness-aware scores), the first S pseudo-queries — one augmented copy of each support image, S = support
+    size, which keeps the cost at one small attack per member — are also attacked against each member (CE on its
+    cosine ProtoNet with clean-support prototypes, random start from ``generator``) and C_i^adv, V_i^adv measured
+    on them.
     """
     if n_way < 2:
         raise ValueError("merging needs at least 2 classes per task (V_i averages over the other classes)")
-    c, v, ce = [], [], []
+    c, v, ce, c_adv, v_adv = [], [], [], [], []
     n_s = len(support_images)
     images = torch.cat([support_images, pseudo_images])
     for name, scale in zip(names, scales, strict=True):
         with active_adapter(model, name):
-            feats = model(images)
-        protos = prototypes(feats[:n_s], support_labels, n_way)
-        cos = cosine_logits(feats[n_s:], protos, 1.0)  # [M, N]
-        own = cos.gather(1, pseudo_labels[:, None]).squeeze(1)
-        c.append(own.mean())
-        v.append(((cos.sum(1) - own) / (n_way - 1)).mean())
-        ce.append(F.cross_entropy(scale * cos, pseudo_labels))
-    return MemberScores(torch.stack(c), torch.stack(v), torch.stack(ce))
+            with torch.no_grad():
+                feats = model(images)
+                protos = prototypes(feats[:n_s], support_labels, n_way)
+                cos = cosine_logits(feats[n_s:], protos, 1.0)  # [M, N]
+            for out, value in zip((c, v), _compactness_divergence(cos, pseudo_labels, n_way)):
+                out.append(value)
+            ce.append(F.cross_entropy(scale * cos, pseudo_labels))
+            if attack is not None:
+                probes, probe_labels = pseudo_images[:n_s], pseudo_labels[:n_s]
+                x_adv = adversarial_queries(attack, lambda x, p=protos, s=scale: cosine_logits(model(x), p, s),
+                                            probes, labels=probe_labels, generator=generator)
+                with torch.no_grad():
+                    cos_adv = cosine_logits(model(x_adv), protos, 1.0)
+                for out, value in zip((c_adv, v_adv), _compactness_divergence(cos_adv, probe_labels, n_way)):
+                    out.append(value)
+    adv = (torch.stack(c_adv), torch.stack(v_adv)) if attack is not None else (None, None)
+    return MemberScores(torch.stack(c), torch.stack(v), torch.stack(ce), *adv)
 
 
-def merge_coefficients(scores: MemberScores, lambda_: float, beta: float, top_k: int) -> Tensor:
-    """ζ ``[P]``: score = λC − (1−λ)V, u = exp(−β(1 − score)), top-k kept and normalised, zeros elsewhere."""
-    score = lambda_ * scores.compactness - (1 - lambda_) * scores.divergence
+def score_attack(attack: AttackConfig, steps: int) -> AttackConfig:
+    """The attack on the pseudo-queries of the robustness-aware scores: PGD in ``attack``'s threat model (norm,
+    ε), ``steps`` steps of ε/2, CE, random start, one run."""
+    return dataclasses.replace(attack, step_size=attack.eps / 2, steps=steps, restarts=1, random_start=True,
+                               objective="ce", pyramid=False)
+
+
+def selection_attack(attack: AttackConfig, steps: int) -> AttackConfig:
+    """The attack of the robust validation accuracy that chooses the merge settings: PGD in ``attack``'s threat
+    model, ``steps`` steps of 2.5·ε/steps (Madry et al.), CE, random start, one run, worst case over iterates."""
+    return dataclasses.replace(attack, step_size=2.5 * attack.eps / max(1, steps), steps=steps, restarts=1,
+                               random_start=True, objective="ce", pyramid=False)
+
+
+def _top_k_weights(compactness: Tensor, divergence: Tensor, lambda_: float, beta: float, top_k: int) -> Tensor:
+    """Algorithm 2's ζ ``[P]`` from one set of scores: u = exp(−β(1 − (λC − (1−λ)V))), top-k normalised."""
+    score = lambda_ * compactness - (1 - lambda_) * divergence
     u = torch.exp(-beta * (1 - score.double()))
     k = max(1, min(top_k, len(u)))
     keep = torch.topk(u, k).indices
     zeta = torch.zeros_like(u)
     zeta[keep] = u[keep] / u[keep].sum()
+    return zeta
+
+
+def merge_coefficients(scores: MemberScores, lambda_: float, beta: float, top_k: int,
+                       adv_weight: float = 0.0) -> Tensor:
+    """ζ ``[P]``: Algorithm 2 — score = λC − (1−λ)V, u = exp(−β(1 − score)), top-k kept and normalised, zeros
+    elsewhere. With γ = ``adv_weight`` > 0 (robustness-aware) the same rule on the adversarial scores gives ζ^adv,
+    and ζ = (1−γ)·ζ + γ·ζ^adv: γ is the share of the weight that goes by robustness (up to 2·top_k members)."""
+    zeta = _top_k_weights(scores.compactness, scores.divergence, lambda_, beta, top_k)
+    if adv_weight > 0:
+        if scores.adv_compactness is None or scores.adv_divergence is None:
+            raise ValueError("adv_weight > 0 needs the adversarial member scores (member_scores with an attack)")
+        adv = _top_k_weights(scores.adv_compactness, scores.adv_divergence, lambda_, beta, top_k)
+        zeta = (1 - adv_weight) * zeta + adv_weight * adv
     return zeta.float()
 
 
@@ -217,20 +270,25 @@ class MergeParams:
     beta: float  # β: sharpness of u = exp(−β(1 − score))
     rho: float  # ρ: fraction of singular values kept (1: no trimming)
     trim_group: str  # layer group trimmed (a key of TRIM_GROUPS; "none" when ρ = 1)
+    adv_weight: float = 0.0  # γ: weight of the adversarial member scores (0: Algorithm 2)
 
     def as_dict(self) -> dict:
-        return {"lambda": self.lambda_, "beta": self.beta, "rho": self.rho, "trim_group": self.trim_group}
+        return {"lambda": self.lambda_, "beta": self.beta, "rho": self.rho, "trim_group": self.trim_group,
+                "adv_weight": self.adv_weight}
 
 
 def merge_grid(cfg: MergeConfig) -> list[MergeParams]:
-    """Candidate hyper-parameters in order: every (λ, β) with no trimming (if ``rho_grid`` holds 1), then
-    with every (ρ < 1, layer group). The first candidate is the untuned default."""
-    if not (cfg.lambda_grid and cfg.beta_grid and cfg.rho_grid):
-        raise ValueError("merge.lambda_grid, beta_grid and rho_grid need at least one value each")
+    """Candidate hyper-parameters in order: for every γ, every (λ, β) with no trimming (if ``rho_grid`` holds 1),
+    then with every (ρ < 1, layer group). The first candidate is the untuned default."""
+    if not (cfg.lambda_grid and cfg.beta_grid and cfg.rho_grid and cfg.adv_weight_grid):
+        raise ValueError("merge.lambda_grid, beta_grid, rho_grid and adv_weight_grid need at least one value each")
+    bad = [g for g in cfg.adv_weight_grid if not 0 <= g <= 1]
+    if bad:
+        raise ValueError(f"merge.adv_weight_grid values must be in [0, 1] (0: Algorithm 2), got {bad}")
     trims = ([(1.0, "none")] if any(r >= 1 for r in cfg.rho_grid) else []) + [
         (r, g) for r in cfg.rho_grid if r < 1 for g in cfg.trim_group_grid]
-    return [MergeParams(lam, beta, rho, group) for lam in cfg.lambda_grid for beta in cfg.beta_grid
-            for rho, group in trims]
+    return [MergeParams(lam, beta, rho, group, gamma) for gamma in cfg.adv_weight_grid for lam in cfg.lambda_grid
+            for beta in cfg.beta_grid for rho, group in trims]
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amt.config import AugmentConfig, FinetuneConfig, MergeConfig
+from amt.attacks import robust_under_pgd
+from amt.config import AttackConfig, AugmentConfig, FinetuneConfig, MergeConfig
 from amt.data.episodes import Episode
 from amt.distributed import gather_by_index, shard
 from amt.finetune import finetuned
@@ -42,6 +43,8 @@ from amt.merge import (
     merge_grid,
     merged_task,
     pseudo_queries,
+    score_attack,
+    selection_attack,
 )
 from amt.rundir import LoadedPool
 
@@ -163,10 +166,14 @@ class PoolMethod(Method):
     Each member keeps the logit scale it was trained with; a merged model uses the ζ-weighted mean of the
     merged members' scales (the scale only sets the temperature that attacks and fine-tuning see: cosine
     argmax does not depend on it).
+
+    ``attack`` is the threat model the evaluation uses (its norm and ε): the robustness-aware member scores
+    (``merge.adv_weight_grid`` > 0) and the robust selection objectives attack at that radius; it is needed only
+    by them.
     """
 
     def __init__(self, model: nn.Module, pool: LoadedPool, rule: str, merge: MergeConfig, augment: AugmentConfig,
-                 member_index: int = 0) -> None:
+                 member_index: int = 0, attack: AttackConfig | None = None) -> None:
         names = pool.names
         if rule not in RULES:
             raise ValueError(f"unknown pool rule {rule!r}; choose one of {RULES}")
@@ -174,11 +181,20 @@ class PoolMethod(Method):
             raise ValueError("a pool method needs LoRA members; a full-backbone run is a BackboneMethod")
         if rule == "single" and not 0 <= member_index < len(names):
             raise ValueError(f"rule 'single' needs 0 <= member_index < {len(names)}, got {member_index}")
+        if not 0 <= merge.robust_weight <= 1:
+            raise ValueError(f"merge.robust_weight must be in [0, 1], got {merge.robust_weight}")
         self.model, self.rule, self.cfg, self.augment = model.eval().requires_grad_(False), rule, merge, augment
         self.names, self.scales = list(names), torch.tensor(pool.scales, dtype=torch.float64)
         self.member_index = member_index
         self.grid = merge_grid(merge)
         self.params: MergeParams = self.grid[0]
+        robust = rule == "ttm" and (any(p.adv_weight > 0 for p in self.grid) or
+                                    (merge.objective != "clean" and len(self.grid) > 1))
+        if robust and (attack is None or attack.eps <= 0):
+            raise ValueError("merge.adv_weight_grid > 0 and merge.objective 'robust'/'balance' attack at the "
+                             "evaluation's radius: give the method the attack (attack.eps > 0), or set "
+                             "merge.adv_weight_grid=[0] and merge.objective=clean")
+        self.attack = attack
 
     @property
     def tunable(self) -> bool:
@@ -188,18 +204,20 @@ class PoolMethod(Method):
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.names)
 
-    def scores(self, support_images: Tensor, support_labels: Tensor, n_way: int,
-               generator: torch.Generator) -> MemberScores:
-        """C_i, V_i and the pseudo-query CE of every member on one support set."""
+    def scores(self, support_images: Tensor, support_labels: Tensor, n_way: int, generator: torch.Generator,
+               adversarial: bool = False) -> MemberScores:
+        """C_i, V_i and the pseudo-query CE of every member on one support set (``adversarial``: also C_i^adv and
+        V_i^adv on the pseudo-queries attacked against each member)."""
         pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.augment, generator)
+        attack = score_attack(self.attack, self.cfg.score_steps) if adversarial else None
         return member_scores(self.model, self.names, [float(s) for s in self.scales], support_images,
-                             support_labels, n_way, pseudo, pseudo_labels)
+                             support_labels, n_way, pseudo, pseudo_labels, attack, generator)
 
     def coefficients(self, scores: MemberScores | None, params: MergeParams) -> Tensor:
         """ζ ``[P]`` of the rule (sums to 1)."""
         p = len(self.names)
         if self.rule == "ttm":
-            return merge_coefficients(scores, params.lambda_, params.beta, self.cfg.top_k)
+            return merge_coefficients(scores, params.lambda_, params.beta, self.cfg.top_k, params.adv_weight)
         if self.rule == "uniform":
             return torch.full((p,), 1.0 / p)
         index = int(scores.support_ce.argmin()) if self.rule == "min_support_ce" else self.member_index
@@ -234,14 +252,16 @@ class PoolMethod(Method):
     @contextmanager
     def adapt(self, support_images: Tensor, support_labels: Tensor, n_way: int,
               generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        scores = (self.scores(support_images, support_labels, n_way, generator)
+        scores = (self.scores(support_images, support_labels, n_way, generator, self.params.adv_weight > 0)
                   if self.rule in ("ttm", "min_support_ce") else None)
         with self.adapt_with(support_images, support_labels, n_way, scores, self.params) as out:
             yield out
 
     def tune(self, tasks: Sequence[Episode], rng: TaskRng) -> dict:
-        """Rule "ttm": choose (λ, β, ρ, trimmed group) by mean clean accuracy on ``tasks``. Member scores are
-        computed once per task; ties keep the earliest grid point (no trimming first)."""
+        """Rule "ttm": choose (γ, λ, β, ρ, trimmed group) on ``tasks`` by ``merge.objective``: mean clean accuracy,
+        robust accuracy under :func:`amt.merge.selection_attack`, (1 − w)·clean + w·robust, or the most robust
+        point within ``clean_tolerance`` of the best clean accuracy. Member scores are computed once per task; ties
+        keep the earliest grid point (γ = 0 and no trimming first)."""
         info: dict = {"rule": self.rule, "members": list(self.names)}
         if self.rule != "ttm":
             return info
@@ -249,20 +269,42 @@ class PoolMethod(Method):
             self.params = self.grid[0]
             return info | {"chosen": self.params.as_dict()}
         _require_tasks(tasks, "the merge hyper-parameters", len(self.grid))
+        adversarial = any(p.adv_weight > 0 for p in self.grid)
+        objective, w = self.cfg.objective, self.cfg.robust_weight
+        attack = selection_attack(self.attack, self.cfg.select_steps) if objective != "clean" else None
 
         def grid_accuracies(t: int, e: Episode) -> list[float]:
-            scores = self.scores(e.support_images, e.support_labels, e.n_way, rng(t))
-            accs = []
+            gen = rng(t)
+            scores = self.scores(e.support_images, e.support_labels, e.n_way, gen, adversarial)
+            accs = []  # clean accuracies, then (robust objectives) robust accuracies, per grid point
             for params in self.grid:
                 with self.adapt_with(e.support_images, e.support_labels, e.n_way, scores, params) as (fn, _):
                     with torch.no_grad():
                         accs.append(accuracy(fn(e.query_images), e.query_labels))
+                    if attack is not None:
+                        robust = robust_under_pgd(attack, fn, e.query_images, e.query_labels, gen)
+                        accs.append(100.0 * float(robust.float().mean()))
             return accs
 
         accs = validation_accuracies(tasks, grid_accuracies)
-        self.params = self.grid[int(torch.argmax(accs))]  # first maximum
-        return info | {"chosen": self.params.as_dict(),
-                       "validation": [{"params": p.as_dict(), "acc": float(a)} for p, a in zip(self.grid, accs)]}
+        clean, robust = (accs[0::2], accs[1::2]) if attack is not None else (accs, None)
+        if objective == "clean":
+            value = clean
+        elif objective == "balance":
+            value = (1 - w) * clean + w * robust
+        elif objective == "constrained":  # the most robust point among those within the tolerance of the best clean
+            value = torch.where(clean >= clean.max() - self.cfg.clean_tolerance, robust, torch.full_like(robust, -1.0))
+        else:
+            value = robust
+        self.params = self.grid[int(torch.argmax(value))]  # first maximum
+        validation = [{"params": p.as_dict(), "acc": float(clean[i]),
+                       **({"robust_acc": float(robust[i]), "objective": float(value[i])} if robust is not None else {})}
+                      for i, p in enumerate(self.grid)]
+        trade = {"objective": objective, **({"robust_weight": w} if objective == "balance" else {}),
+                 **({"clean_tolerance": self.cfg.clean_tolerance} if objective == "constrained" else {}),
+                 **({"selection_attack": {"eps": attack.eps, "steps": attack.steps, "step_size": attack.step_size}}
+                    if attack is not None else {})}
+        return info | {"chosen": self.params.as_dict(), "selection": trade, "validation": validation}
 
 
 # ----------------------------------------------------------------------------------------------

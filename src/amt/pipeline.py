@@ -42,6 +42,7 @@ from amt.rundir import (
     RESULTS_FILE,
     atomic_write,
     check_writable,
+    read_manifest,
     run_lock,
     save_config,
     write_json,
@@ -55,6 +56,21 @@ EMBEDDED_PREFIX = "embedded:"
 def embedded_asset(name: str) -> Path:
     """Path of a file shipped inside the package (``src/amt/assets``)."""
     return Path(str(resources.files("amt") / "assets" / name))
+
+
+def pool_path(ref: str) -> str:
+    """A method's ``pool``: ``embedded:NAME`` is the pool shipped in ``src/amt/assets/NAME`` (checked against its
+    export record); anything else is a run directory, returned as it is."""
+    if not ref.startswith(EMBEDDED_PREFIX):
+        return ref
+    from amt.rundir import check_export
+
+    path = embedded_asset(ref[len(EMBEDDED_PREFIX):])
+    if not path.is_dir():
+        raise ConfigError(f"embedded pool {ref!r} is not shipped (looked for {path}); make it with `make pool` "
+                          "(see src/amt/assets/README.md)")
+    check_export(path)
+    return str(path)
 
 
 def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -82,7 +98,8 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"embedded checkpoint {ckpt!r} is not shipped (looked for {path}); "
                               f"recreate it with `amt pretrain` (see src/amt/assets/README.md)")
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, checkpoint=str(path)))
-    return cfg
+    methods = tuple(dataclasses.replace(m, pool=pool_path(m.pool)) if m.pool else m for m in cfg.methods)
+    return dataclasses.replace(cfg, methods=methods)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +140,8 @@ def build_methods(cfg: ExperimentConfig) -> tuple[dict[str, Method], str]:
             method = BackboneMethod(backbone, cfg.head.scale)
         else:
             pool = load_pool(backbone, m.pool, backbone_fp)
-            method = (PoolMethod(backbone, pool, m.rule, cfg.merge, cfg.augment, m.member_index) if pool.names
+            method = (PoolMethod(backbone, pool, m.rule, cfg.merge, cfg.augment, m.member_index, cfg.attack)
+                      if pool.names
                       else BackboneMethod(backbone, pool.scales[0]))  # PMF: a meta-tuned full backbone
         if m.finetune:
             method = FinetunedMethod(method, cfg.finetune, cfg.augment)
@@ -237,33 +255,48 @@ def run_pretrain(cfg: ExperimentConfig, out: str | Path) -> dict:
     return info
 
 
-DEMO_VARIANTS = ("amt", "clean_lora")  # meta-tuned by `amt demo`, each into <out>/<variant>
-
-
 def with_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     """``cfg`` with the overrides of meta-tuning variant ``name`` (:data:`amt.config.VARIANTS`)."""
     return from_dict(ExperimentConfig, merge_dicts(to_dict(cfg), variant_overrides(name)))
 
 
-def demo_methods(out: Path) -> tuple[MethodConfig, ...]:
-    """The rows of the demo's table: PM, the clean-LoRA baseline, and AMT (merged + trimmed pool)."""
-    return (MethodConfig("PM"), MethodConfig("Clean LoRA", pool=str(out / "clean_lora"), rule="single"),
-            MethodConfig("AMT", pool=str(out / "amt"), rule="ttm"))
+def short_run(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The demo's short meta-tuning run: ``cfg``'s AMT recipe for ``demo.train_episodes`` episodes, validated
+    halfway and at the end."""
+    n = cfg.demo.train_episodes
+    train = dataclasses.replace(cfg.train, epochs=1, episodes_per_epoch=n, val_every=max(1, n // 2),
+                                checkpoint_every=n, warmup_epochs=min(cfg.train.warmup_epochs, 0.1))
+    return dataclasses.replace(with_variant(cfg, "amt"), train=train)
 
 
 def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
-    """The main job on the embedded default: meta-tune the AMT pool and the clean-LoRA baseline (reused when a
-    finished run with the same settings is already in ``out_dir``), evaluate PM / clean LoRA / AMT on clean,
-    adversarial and corrupted queries in and out of domain, and render the report. Returns the printed text."""
+    """The main job on the embedded default: PM and AMT (test-time merged, trimmed pool) evaluated on clean,
+    adversarial and corrupted queries in and out of domain, with paired differences, and the report.
+
+    With ``demo.pool`` set (the embedded default ships its pool), AMT is that pool and the demo shows meta-tuning
+    at work in a short run of one member (``demo.train_member``, ``demo.train_episodes``) into ``out/short_run``;
+    with ``demo.pool: null`` it meta-tunes the whole pool into ``out/amt`` (reused when finished with the same
+    settings). Returns the printed text."""
     from amt.report import render_report, training_table
 
     start = time.perf_counter()
     out = Path(out_dir)
     tables = []
-    for name in DEMO_VARIANTS:
-        manifest = run_train(with_variant(cfg, name), out / name, resume=True)
-        tables.append(f"Meta-tuning `{name}` ({out / name}):\n\n{training_table(manifest)}")
-    run_evaluate(dataclasses.replace(cfg, methods=demo_methods(out)), out)
+    if cfg.demo.pool:
+        pool = pool_path(cfg.demo.pool)
+        if not 0 <= cfg.demo.train_member < len(cfg.pool.eps):
+            raise ConfigError(f"demo.train_member={cfg.demo.train_member}: the pool has {len(cfg.pool.eps)} members")
+        if cfg.demo.train_episodes > 0:
+            manifest = run_train(short_run(cfg), out / "short_run", members=[cfg.demo.train_member], resume=True)
+            tables.append(f"Meta-tuning, a short run of member {cfg.demo.train_member} ({out / 'short_run'}; the "
+                          f"evaluated pool was trained with `make pool`):\n\n{training_table(manifest)}")
+        tables.append(f"The evaluated AMT pool ({cfg.demo.pool}):\n\n{training_table(read_manifest(Path(pool)))}")
+    else:
+        pool = str(out / "amt")
+        manifest = run_train(with_variant(cfg, "amt"), pool, resume=True)
+        tables.append(f"Meta-tuning the AMT pool ({pool}):\n\n{training_table(manifest)}")
+    methods = (MethodConfig("PM"), MethodConfig("AMT", pool=pool, rule="ttm"))
+    run_evaluate(dataclasses.replace(cfg, methods=methods), out)
     tables.append(render_report(out / RESULTS_FILE, out / "report"))
     tables.append(f"Full report: {out / 'report' / 'report.md'}")
     log.info("demo finished in %.0f s; results in %s", time.perf_counter() - start, out)

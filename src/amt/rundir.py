@@ -365,3 +365,56 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
     scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
     log.info("loaded pool %s: %s (logit scales %s)", run, names, ", ".join(f"{s:.2f}" for s in scales))
     return LoadedPool(tuple(names), scales)
+
+
+# ----------------------------------------------------------------------------------------------
+# A pool shipped with the package
+# ----------------------------------------------------------------------------------------------
+
+EXPORT_FILE = "export.json"  # sha256 of every file of an exported pool, and where it came from
+_EXPORTED = (MANIFEST_FILE, CONFIG_FILE, f"member*/{WEIGHTS_FILE}", f"member*/{MEMBER_RECORD_FILE}",
+             f"member*/{METRICS_FILE}")  # what a pool needs to load and to be read; no training state
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_pool(run: str | Path, dest: str | Path, command: str = "") -> dict:
+    """Copy the finished pool in ``run`` to ``dest`` without its training state (``state.pt``), and record the
+    sha256 of every copied file in ``dest/export.json``. ``dest`` must not exist or hold only an earlier export."""
+    import shutil
+
+    run, dest = Path(run), Path(dest)
+    manifest = read_manifest(run)
+    unfinished = [m["name"] for m in manifest["members"] if not m.get("finished")]
+    if unfinished:
+        raise ConfigError(f"{run}: member(s) {unfinished} are unfinished; finish them (amt train --resume) first")
+    if dest.exists() and not (dest / EXPORT_FILE).is_file():
+        raise ConfigError(f"{dest} exists and is not an exported pool; choose a new folder")
+    files = sorted({p.relative_to(run) for pattern in _EXPORTED for p in run.glob(pattern)})
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in files:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / rel, tmp / rel)
+    record = {"source": str(run), "command": command, "files": {str(rel): _sha256(tmp / rel) for rel in files}}
+    write_json(tmp / EXPORT_FILE, record)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    log.info("exported %s to %s (%d files)", run, dest, len(files))
+    return record
+
+
+def check_export(dest: str | Path) -> None:
+    """Raise :class:`ConfigError` unless every file listed in ``dest/export.json`` is there with its sha256."""
+    dest = Path(dest)
+    record = read_json(dest / EXPORT_FILE, "pool export record")
+    bad = [rel for rel, digest in record["files"].items()
+           if not (dest / rel).is_file() or _sha256(dest / rel) != digest]
+    if bad:
+        raise ConfigError(f"{dest}: {bad} are missing or differ from the exported pool ({EXPORT_FILE}); reinstall "
+                          "the package or re-export the pool (make pool)")

@@ -217,6 +217,19 @@ class MergeConfig:
     rho_grid: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)  # ρ: fraction of singular values kept (1 = no trim)
     trim_group_grid: tuple[Literal["attn", "mlp", "all"], ...] = ("attn", "mlp", "all")  # groups trimmed when ρ < 1
     trim_method: Literal["gram", "svd"] = "gram"  # "gram" (float64 Gram eigh, fastest) | "svd" (exact SVD)
+    # Robustness-aware member scores (beyond the paper; γ = 0 is Algorithm 2 exactly): each member's compactness and
+    # divergence also measured on its pseudo-queries attacked against it (PGD at the evaluation attack's ε, CE,
+    # random start, step ε/2); Algorithm 2 on those scores gives ζ^adv, and ζ = (1 − γ)·ζ + γ·ζ^adv.
+    adv_weight_grid: tuple[float, ...] = (0.0,)  # γ in [0, 1], chosen with λ, β, ρ on validation tasks
+    score_steps: int = 2  # PGD steps of the attack on the pseudo-queries (when some γ > 0)
+    # What the grid point maximises on validation tasks: "clean" accuracy (the paper) | "robust" accuracy under a
+    # selection attack (PGD at the evaluation attack's ε, `select_steps` steps of 2.5·ε/steps, random start, worst
+    # case over iterates) | "balance": (1 − robust_weight)·clean + robust_weight·robust | "constrained": the most
+    # robust grid point whose clean accuracy is within `clean_tolerance` points of the best clean grid point
+    objective: Literal["clean", "robust", "balance", "constrained"] = "clean"
+    robust_weight: float = 0.5  # weight of robust accuracy in "balance", in [0, 1]
+    clean_tolerance: float = 1.0  # "constrained": clean accuracy points given up at most, on validation tasks
+    select_steps: int = 5  # PGD steps of the selection attack ("robust", "balance")
 
 
 @dataclass(frozen=True)
@@ -312,6 +325,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DemoConfig:
+    """`amt demo`: which pool its AMT row evaluates, and the short meta-tuning run it shows."""
+
+    # the pool of the AMT row: a run directory (`amt train --out`), "embedded:NAME" (src/amt/assets/NAME, made by
+    # `make pool`), or None: the demo meta-tunes the whole pool with `train` and `pool` first (minutes)
+    pool: str | None = None
+    train_member: int = 0  # with a given pool: the member (its ε) of the short meta-tuning run the demo shows
+    train_episodes: int = 50  # episodes of that run (its validation: the first and the last episode)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: which data, which backbone, which protocol."""
 
@@ -339,6 +363,7 @@ class ExperimentConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # APSV during meta-tuning (train.apsv)
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)  # `amt demo` only
 
 
 # Named meta-tuning variants: baselines and ablations as overrides of the same configuration
