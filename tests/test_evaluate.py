@@ -277,3 +277,18 @@ def test_sweep_and_l2_attacks_take_their_steps_from_the_config():
     assert by_norm[("linf", True)] == attack
     custom = conditions(EvalConfig(eps_sweep=(), l2_eps=(1.0,), l2_step_ratio=0.25, corruptions=()), attack)
     assert [c.attack.step_size for c in custom if c.attack is not None and c.attack.norm == "l2"] == [0.25]
+
+
+def test_masking_checks_run_only_in_their_shot_settings(glyph_greek):
+    from amt.config import AttackConfig, MaskingConfig
+
+    greek, ds, val, model = glyph_greek
+    cfg = EvalConfig(n_tasks=2, shots=(1, 5), n_query=3, corruptions=(), eps_sweep=(), l2_eps=(), adv_tasks=1)
+    attack = AttackConfig(eps=8 / 255, step_size=2 / 255, steps=2)
+    res = evaluate({"PM": BackboneMethod(model, 10.0)}, [(greek, ds)], cfg, attack,
+                   masking=MaskingConfig(n_tasks=1, many_steps=3, square_queries=4, shots=(1,)))
+    roles = {(r["n_shot"], r["condition"], (r.get("attack") or {}).get("role")) for r in res["results"]}
+    assert {role for shot, _, role in roles if shot == 1} == {None, "headline", "large_eps", "many_steps", "square"}
+    assert {role for shot, _, role in roles if shot == 5} == {None, "headline"}  # clean and the headline attack
+    assert (1, "gradient", None) in roles and (5, "gradient", None) not in roles
+    assert list(res["masking"]["PM"]["greek"]) == ["1"]

@@ -45,6 +45,7 @@ class Condition:
     severity: int = 0
     methods: tuple[str, ...] = ()  # methods measured; () = every method
     queries: int = 0  # the Square check: queries of the black-box attack
+    shots: tuple[int, ...] = ()  # shot settings it is measured in; () = every shot
 
     def key(self) -> tuple:
         """Identity of the condition inside one evaluation (JSON-safe parts)."""
@@ -54,6 +55,9 @@ class Condition:
 
     def applies_to(self, method: str, t: int) -> bool:
         return t < self.n_tasks and (not self.methods or method in self.methods)
+
+    def in_shot(self, n_shot: int) -> bool:
+        return not self.shots or n_shot in self.shots
 
     def describe(self) -> dict:
         """The condition's fields of a results row."""
@@ -86,7 +90,8 @@ def conditions(cfg: EvalConfig, attack: AttackConfig | None, autoattack: AutoAtt
     The ε sweep and ℓ2 attacks reuse the headline attack's settings with their own radius and step
     ``ratio · ε`` (``sweep_step_ratio``, ``l2_step_ratio``). AutoAttack runs at the headline ℓ∞ radius. The
     gradient-masking checks (``masking.n_tasks > 0``) add: PGD at ``large_eps``, PGD with ``many_steps``,
-    the black-box Square attack, and the input-gradient check, on the first ``masking.n_tasks`` tasks.
+    the black-box Square attack, and the input-gradient check, on the first ``masking.n_tasks`` tasks. AutoAttack
+    and the masking checks run in the shot settings of their ``shots`` (every shot when empty).
     """
     out = [Condition("clean", cfg.n_tasks)]
     if attack is not None and cfg.adversarial:
@@ -109,15 +114,17 @@ def conditions(cfg: EvalConfig, attack: AttackConfig | None, autoattack: AutoAtt
                             sorted(set(autoattack.methods) - set(named)), list(named) or "no method")
             if named or not autoattack.methods:
                 out.append(Condition("autoattack", min(autoattack.n_tasks, cfg.n_tasks), "autoattack", attack,
-                                     autoattack, methods=named))
+                                     autoattack, methods=named, shots=tuple(autoattack.shots)))
         if masking is not None and masking.n_tasks > 0:
             n = min(masking.n_tasks, cfg.n_tasks)
             large = dataclasses.replace(attack, norm="linf", eps=masking.large_eps, restarts=1,  # one run suffices
                                         step_size=cfg.sweep_step_ratio * masking.large_eps)
-            out += [Condition("adversarial", n, "large_eps", large),
-                    Condition("adversarial", n, "many_steps", dataclasses.replace(attack, steps=masking.many_steps)),
-                    Condition("adversarial", n, "square", attack, queries=masking.square_queries),
-                    Condition("gradient", n)]
+            shots = tuple(masking.shots)
+            out += [Condition("adversarial", n, "large_eps", large, shots=shots),
+                    Condition("adversarial", n, "many_steps", dataclasses.replace(attack, steps=masking.many_steps),
+                              shots=shots),
+                    Condition("adversarial", n, "square", attack, queries=masking.square_queries, shots=shots),
+                    Condition("gradient", n, shots=shots)]
     for name in corruption_names(cfg.corruptions):
         for severity in cfg.severities:
             out.append(Condition("corruption", min(cfg.corruption_tasks, cfg.n_tasks), corruption=name,

@@ -199,11 +199,13 @@ def evaluate(
                     log.warning("%s %d-shot: classes are small, using %d queries per class instead of %d",
                                 domain.name, shot, n_query, cfg.n_query)
                 seed = task_seed(cfg.seed, domain.name, shot)
-                accs, records = evaluate_domain(methods, test, cfg.n_way, shot, n_query, conds, seed,
+                cell_conds = [c for c in conds if c.in_shot(shot)]
+                accs, records = evaluate_domain(methods, test, cfg.n_way, shot, n_query, cell_conds, seed,
                                                 desc=f"{domain.name} {cfg.n_way}w{shot}s", device=device)
+                checked = any(c.kind == "gradient" for c in cell_conds)  # the masking checks run in this shot
                 cell = []  # the rows of this (domain, shot), added at once
                 for method, per_cond in accs.items():
-                    for c in conds:
+                    for c in cell_conds:
                         a = per_cond[c.key()]
                         if a:
                             mean, ci = mean_ci95(a)
@@ -212,9 +214,9 @@ def evaluate(
                                              **c.describe(), mean=mean, ci95=ci, accuracies=a))
                     log.info("%-12s %-18s %d-shot clean: %.2f ± %.2f", method, domain.name, shot,
                              *mean_ci95(per_cond[conds[0].key()]))
-                    if masking is not None and masking.n_tasks > 0 and attack is not None:
+                    if masking is not None and masking.n_tasks > 0 and attack is not None and checked:
                         flags.setdefault(method, {}).setdefault(domain.name, {})[str(shot)] = masking_flags(
-                            {c: per_cond[c.key()] for c in conds}, masking)
+                            {c: per_cond[c.key()] for c in cell_conds}, masking)
                 rows.extend(cell)
                 for method, info in tuned.items():
                     coeffs = [r.coefficients for r in records[method] if r.coefficients is not None]

@@ -182,6 +182,7 @@ class AutoAttackConfig:
     square_queries: int = 5000  # queries of the Square attack ("standard")
     n_tasks: int = 100  # tasks (of eval.n_tasks) attacked
     methods: tuple[str, ...] = ()  # evaluated methods attacked (names); () = every method
+    shots: tuple[int, ...] = ()  # shot settings attacked (of eval.shots); () = every shot
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class MaskingConfig:
     many_steps: int = 50  # PGD steps of the "more steps" check (the headline attack's step size and ε)
     square_queries: int = 1000  # queries of the black-box Square check
     tolerance: float = 2.0  # accuracy points allowed for noise in every check
+    shots: tuple[int, ...] = ()  # shot settings checked (of eval.shots); () = every shot
 
 
 @dataclass(frozen=True)
