@@ -146,9 +146,9 @@ def member_scores(
 
 def score_attack(attack: AttackConfig, steps: int) -> AttackConfig:
     """The attack on the pseudo-queries of the robustness-aware scores: PGD in ``attack``'s threat model (norm,
-    ε), ``steps`` steps of ε/2, CE, random start, one run."""
-    return dataclasses.replace(attack, step_size=attack.eps / 2, steps=steps, restarts=1, random_start=True,
-                               objective="ce", pyramid=False)
+    ε), ``steps`` steps of 2.5·ε/steps (one step: FGSM from a random start), CE, one run."""
+    return dataclasses.replace(attack, step_size=2.5 * attack.eps / max(1, steps), steps=steps, restarts=1,
+                               random_start=True, objective="ce", pyramid=False)
 
 
 def selection_attack(attack: AttackConfig, steps: int) -> AttackConfig:

@@ -220,8 +220,8 @@ class MergeConfig:
     trim_group_grid: tuple[Literal["attn", "mlp", "all"], ...] = ("attn", "mlp", "all")  # groups trimmed when ρ < 1
     trim_method: Literal["gram", "svd"] = "gram"  # "gram" (float64 Gram eigh, fastest) | "svd" (exact SVD)
     # Robustness-aware member scores (beyond the paper; γ = 0 is Algorithm 2 exactly): each member's compactness and
-    # divergence also measured on its pseudo-queries attacked against it (PGD at the evaluation attack's ε, CE,
-    # random start, step ε/2); Algorithm 2 on those scores gives ζ^adv, and ζ = (1 − γ)·ζ + γ·ζ^adv.
+    # divergence also measured on one pseudo-query per support image attacked against it (PGD at the evaluation
+    # attack's ε, CE, random start, step 2.5·ε/steps); Algorithm 2 on those scores gives ζ^adv, ζ = (1 − γ)ζ + γζ^adv.
     adv_weight_grid: tuple[float, ...] = (0.0,)  # γ in [0, 1], chosen with λ, β, ρ on validation tasks
     score_steps: int = 2  # PGD steps of the attack on the pseudo-queries (when some γ > 0)
     # What the grid point maximises on validation tasks: "clean" accuracy (the paper) | "robust" accuracy under a
