@@ -91,3 +91,26 @@ def test_the_default_preset_is_found_from_any_folder(tmp_path, monkeypatch):
     assert _config(build_parser().parse_args(["glyphs"])).backbone.arch == "amt_glyph_vit"
     with pytest.raises(ConfigError, match="does not exist"):  # an explicit path is taken as given
         _config(build_parser().parse_args(["glyphs", "--config", "configs/nope.yaml"]))
+
+
+def test_a_preset_extends_another_and_cycles_are_named(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("eval:\n  n_tasks: 50\n  shots: [1]\nattack:\n  eps: 8/255\n")
+    (tmp_path / "sub").mkdir()
+    mid = tmp_path / "sub" / "mid.yaml"
+    mid.write_text("extends: ../base.yaml\neval:\n  n_tasks: 7\n")
+    top = tmp_path / "sub" / "top.yaml"
+    top.write_text("extends: mid.yaml\neval:\n  n_query: 3\n")
+    cfg = load_config(top)
+    assert (cfg.eval.n_tasks, cfg.eval.shots, cfg.eval.n_query) == (7, (1,), 3)  # each level over the one below
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert load_config(top, {"eval": {"n_tasks": 2}}).eval.n_tasks == 2  # --set over everything
+    base.write_text("extends: sub/top.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(top)
+    mid.write_text("extends: [base.yaml]\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_config(mid)
+    mid.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(mid)

@@ -249,6 +249,14 @@ def test_bad_settings_and_unwritable_output_fail_before_any_work_or_litter(tmp_p
     assert "cannot write into" in caplog.text and "choose a writable --out" in caplog.text
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action, even when this test runs as a background job (whose
+    shell starts it with SIGINT ignored, which Python would then keep ignoring)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_second_writer_is_refused_and_ctrl_c_checkpoints_training(tmp_path, caplog):
     import os
     import signal
@@ -260,7 +268,8 @@ def test_a_second_writer_is_refused_and_ctrl_c_checkpoints_training(tmp_path, ca
     common = ["--set", f"cache_dir={tmp_path / 'cache'}", *SMALL, *TRAIN, "--set", "train.episodes_per_epoch=400",
               "--set", "train.val_every=400", "--set", "train.checkpoint_every=1000"]
     train = subprocess.Popen([sys.executable, "-m", "amt.cli", "train", "--out", str(out), *common],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"RANK": "0"})
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"RANK": "0"},
+                             preexec_fn=_default_sigint)
     metrics = out / "member0" / "metrics.jsonl"
     try:
         deadline = time.time() + 120
@@ -293,7 +302,7 @@ def test_ctrl_c_during_evaluation_keeps_the_finished_cells_as_partial_results(tm
     args = [sys.executable, "-m", "amt.cli", "evaluate", "--out", str(out), "--set", f"cache_dir={tmp_path / 'c'}",
             *SMALL, "--set", "eval.n_tasks=40", "--set", "eval.adv_tasks=20"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"RANK": "0"})
+                            env=os.environ | {"RANK": "0"}, preexec_fn=_default_sigint)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
@@ -315,3 +324,26 @@ def test_ctrl_c_during_evaluation_keeps_the_finished_cells_as_partial_results(tm
     assert partial["partial"].startswith(f"interrupted after {len(cells)} of 10")
     assert not (out / "results.json").exists() and not (out / ".amt.lock").exists()
     assert main(["report", str(out)]) == 0 and "Partial results" in (out / "report" / "report.md").read_text()
+
+
+def test_evaluate_a_users_own_folder_in_one_command(tmp_path, capsys):
+    mine = write_image_folder(tmp_path / "my_photos", 6, 35, size=20)  # 7 held out per class: 5-shot validation
+    out = tmp_path / "run"
+    small = ["--set", "eval.n_tasks=2", "--set", "eval.n_query=2", "--set", "eval.adv_tasks=1",
+             "--set", "eval.eps_sweep=[]", "--set", "eval.corruptions=[]", "--set", "eval.val_tasks=2",
+             "--set", "autoattack.version=none", "--set", "masking.n_tasks=0", "--set", "attack.steps=2",
+             "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["evaluate", "--domain", str(mine), "--pool", "embedded:glyph_pool", "--out", str(out), *small]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["domain"] for r in results["results"]} == {"my_photos"}
+    assert {r["method"] for r in results["results"]} == {"PM", "AMT"}
+    assert {r["n_shot"] for r in results["results"]} == {1, 5}
+    tuning = results["tuning"]["AMT"]["my_photos"]["1"]
+    assert tuning["validation_tasks"].startswith("held-out images")  # never the test images
+    config = (out / "config.yaml").read_text()
+    assert "amt_glyph_vit" in config and "glyph_pool" in config  # the preset's backbone and the shipped pool
+    assert "| Δ AMT − PM |" in capsys.readouterr().out
+    assert main(["evaluate", "--domain", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    (tmp_path / "b" / "my_photos").mkdir(parents=True)
+    assert main(["evaluate", "--domain", str(mine), "--domain", str(tmp_path / "b" / "my_photos"),
+                 "--out", str(out)]) == 2

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="few-shot accuracy of PM and trained pools (`methods:`): clean, "
                                         "adversarial, corrupted")
     _add_config(p, out_default="runs/evaluate")
+    p.add_argument("--domain", action="append", metavar="PATH",
+                   help="evaluate on this folder of class folders of images instead of the preset's domains "
+                        "(repeatable; named after the folder; the preset's backbone, data, protocol and merge "
+                        "settings are kept; validation tasks use held-out images of each class)")
+    p.add_argument("--pool", action="append", metavar="RUN",
+                   help="evaluate PM and the pool RUN (`amt train --out`, or embedded:glyph_pool) with rule ttm "
+                        "instead of the preset's `methods:` (repeatable)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("pretrain", help="supervised pre-training of a backbone on the training domain")
@@ -97,9 +104,36 @@ def _add_config(p: argparse.ArgumentParser, out_default: str | None = None) -> N
         p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
 
 
+def _shortcut_overrides(args: argparse.Namespace) -> dict:
+    """`amt evaluate --domain PATH --pool RUN` as config overrides (domains, methods)."""
+    out: dict = {}
+    folders = [Path(p) for p in getattr(args, "domain", None) or []]
+    if folders:
+        missing = [str(p) for p in folders if not p.is_dir()]
+        if missing:
+            raise ConfigError(f"--domain {missing}: not a folder; give a folder holding one sub-folder of images per "
+                              "class (check it with `amt data check PATH`)")
+        names = [p.resolve().name for p in folders]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--domain: several folders are named {twice}; domains are named after their folder, "
+                              "so give them distinct names (or list them under `domains:` in a preset)")
+        out["benchmark"] = "custom"
+        out["domains"] = [{"name": n, "path": str(p), "format": "folder"} for n, p in zip(names, folders)]
+    pools = getattr(args, "pool", None) or []
+    if pools:
+        rows = [{"name": "PM"}]
+        for run in pools:
+            name = "AMT" if len(pools) == 1 else f"AMT ({Path(run).name or run})"
+            rows.append({"name": name, "pool": run, "rule": "ttm"})
+        out["methods"] = rows
+    return out
+
+
 def _config(args: argparse.Namespace) -> ExperimentConfig:
-    """The preset of ``--config`` with the variant's overrides, then every ``--set``, applied."""
+    """The preset of ``--config`` with the variant's overrides, the `evaluate` shortcuts, then every ``--set``."""
     overrides: dict = variant_overrides(args.variant) if getattr(args, "variant", None) else {}
+    overrides = merge_dicts(overrides, _shortcut_overrides(args))
     for text in args.set or []:
         overrides = merge_dicts(overrides, parse_override(text))
     path = Path(args.config)

@@ -114,14 +114,37 @@ def variant_overrides(name: str) -> dict:
     return VARIANTS[name]
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read a YAML preset into an :class:`ExperimentConfig`, then apply nested ``overrides``."""
+EXTENDS = "extends"  # a preset's key naming the preset it builds on (a path relative to its own folder)
+
+
+def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML preset's sections as a mapping. A preset with ``extends: BASE.yaml`` is BASE's mapping with its own
+    sections merged over it (:func:`merge_dicts`: mappings merge key by key, anything else replaces); BASE may
+    extend another preset in turn, and a cycle is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/embedded.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.resolve() in _chain:
+        raise ConfigError(f"presets extend each other in a cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop(EXTENDS, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `{EXTENDS}` must be the path of another preset (relative to {path.parent}), "
+                          f"got {base!r}")
+    return merge_dicts(read_preset(path.parent / base, (*_chain, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read a YAML preset (and the presets it extends) into an :class:`ExperimentConfig`, then apply nested
+    ``overrides``."""
+    data = read_preset(path)
     if overrides:
         data = merge_dicts(data, overrides)
     return from_dict(ExperimentConfig, data)
