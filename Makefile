@@ -6,7 +6,7 @@ STAMP := $(VENV)/.amt-installed
 # torch/torchvision pinned for the project's own environment; the package metadata states ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow venv pool clean
+.PHONY: demo test test-slow venv pool study clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 pool: $(STAMP)
 	$(VENV)/bin/amt train --config configs/embedded.yaml --out runs/glyph_pool --resume
 	$(VENV)/bin/amt export-pool runs/glyph_pool src/amt/assets/glyph_pool
+
+# Which part of AMT does what (docs/results.md): 5 variants x 3 training seeds, 10 rows, about 45 minutes.
+study: $(STAMP)
+	$(VENV)/bin/amt study --config configs/embedded.yaml --out runs/study
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

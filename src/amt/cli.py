@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, out_default="runs/demo")
     p.set_defaults(run=cmd_demo)
 
+    p = sub.add_parser("study", help="which part of AMT does what: variants meta-tuned over several seeds, paired "
+                                     "differences to PM (docs/results.md)")
+    _add_config(p, out_default="runs/study")
+    p.set_defaults(run=cmd_study)
+
     p = sub.add_parser("evaluate", help="few-shot accuracy of PM and trained pools (`methods:`): clean, "
                                         "adversarial, corrupted")
     _add_config(p, out_default="runs/evaluate")
@@ -148,6 +153,13 @@ def _first_rank() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- verbs
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from amt.study import run_study
+
+    print(run_study(_config(args), args.out))
+    return 0
 
 
 def cmd_export_pool(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from amt.config import (
     ConfigError,
     DomainConfig,
     ExperimentConfig,
+    MergeConfig,
     MethodConfig,
     from_dict,
     merge_dicts,
@@ -140,7 +141,8 @@ def build_methods(cfg: ExperimentConfig) -> tuple[dict[str, Method], str]:
             method = BackboneMethod(backbone, cfg.head.scale)
         else:
             pool = load_pool(backbone, m.pool, backbone_fp)
-            method = (PoolMethod(backbone, pool, m.rule, cfg.merge, cfg.augment, m.member_index, cfg.attack)
+            merge = from_dict(MergeConfig, merge_dicts(to_dict(cfg.merge), m.merge)) if m.merge else cfg.merge
+            method = (PoolMethod(backbone, pool, m.rule, merge, cfg.augment, m.member_index, cfg.attack)
                       if pool.names
                       else BackboneMethod(backbone, pool.scales[0]))  # PMF: a meta-tuned full backbone
         if m.finetune:

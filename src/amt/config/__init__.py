@@ -37,6 +37,7 @@ from amt.config.sections import (
     PerturbConfig,
     PoolConfig,
     PretrainConfig,
+    StudyConfig,
     TrainConfig,
     VariableEpisodeConfig,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "PoolConfig",
     "PretrainConfig",
     "RENAMED",
+    "StudyConfig",
     "TrainConfig",
     "VARIANTS",
     "VariableEpisodeConfig",

@@ -245,6 +245,9 @@ class MethodConfig:
     rule: Literal["ttm", "uniform", "logit_avg", "min_support_ce", "single"] = "ttm"
     member_index: int = 0  # the member (0-based position in the pool) used by rule "single"
     finetune: bool = False  # PMF-style test-time fine-tuning on the support set (AMT-FT, PMF+FT)
+    # this row's changes to the experiment's `merge` section (e.g. {adv_weight_grid: [0], objective: clean}: the
+    # paper's Algorithm 2 with clean-accuracy selection); {} = the merge section as it is
+    merge: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """`amt study`: which part of AMT does what, on the embedded benchmark, over several training seeds
+    (docs/results.md). Every variant is meta-tuned per seed with the `train`/`pool` recipe, shortened to
+    ``episodes`` per member; every seed is evaluated on the same tasks with ``eval``."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)  # train.seed of each repetition
+    episodes: int = 120  # meta-tuning episodes per member
+    n_tasks: int = 15  # clean tasks per domain and shot (eval.n_tasks)
+    adv_tasks: int = 5  # of those, attacked with the headline attack (eval.adv_tasks)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """`amt demo`: which pool its AMT row evaluates, and the short meta-tuning run it shows."""
 
@@ -366,6 +381,7 @@ class ExperimentConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)  # `amt demo` only
+    study: StudyConfig = field(default_factory=StudyConfig)  # `amt study` only
 
 
 # Named meta-tuning variants: baselines and ablations as overrides of the same configuration
