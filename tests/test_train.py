@@ -286,6 +286,9 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     a = (tmp_path / "a" / "member0" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "member0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in a] == [json.loads(x)["loss"] for x in b]
+    assert s2["seconds"] > s1["seconds"] > 0  # the resumed run counts the first process's seconds too
+    again, _ = _run(_model(), tmp_path / "b", data, resume=True)  # a finished member: nothing to do, nothing lost
+    assert again["seconds"] > s1["seconds"] and again["episodes"] == s2["episodes"]  # up to the last checkpoint
 
 
 def test_existing_state_needs_resume_and_is_not_overwritten(data, tmp_path):

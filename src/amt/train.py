@@ -318,6 +318,7 @@ class _MemberRun:
         self.setup = _setup(settings, spec)
         self.episode, self.best, self.final, self.kept = 0, {"val_acc": -1.0, "episode": -1}, None, None
         self.recorded = 0  # the last episode whose metrics line is written
+        self.earlier_seconds = 0.0  # training seconds of the processes this run resumed from
         out = spec.out_dir
         self.state_path, self.weights_path, self.metrics_path = out / STATE_FILE, out / WEIGHTS_FILE, out / METRICS_FILE
 
@@ -389,6 +390,7 @@ class _MemberRun:
         (:func:`_episode_seed`), so the episode sampler is the only random stream to save."""
         save_state(self.state_path, {
             "episode": done, "best": self.best, "final": self.final, "kept": self.kept, "setup": self.setup,
+            "seconds": self.seconds(),
             "weights": member_tensors(self.model, self.spec.name, self.scale),
             "optimizer": self.opt.state_dict(), "episode_rng": self.episode_gen.get_state()})
 
@@ -401,6 +403,7 @@ class _MemberRun:
         self.episode, self.best = int(state["episode"]), dict(state["best"])
         self.recorded = self.episode
         self.final, self.kept = state.get("final"), state.get("kept")
+        self.earlier_seconds = float(state.get("seconds", 0.0))
 
     def speed(self, done: int) -> float:
         """Episodes per second since this process started."""
@@ -413,7 +416,11 @@ class _MemberRun:
             self.keep(end, None)
         return {"episodes": end, "finished": finished, "best": self.best, "kept": self.kept,
                 "final": self.final, "scale": float(self.scale.detach()),
-                "seconds": time.perf_counter() - self.started_at}
+                "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        """Training seconds of this member so far: earlier processes (resumed from) and this one."""
+        return self.earlier_seconds + time.perf_counter() - self.started_at
 
 
 def check_settings(settings: MetaTuning, world: int = 1) -> None:
