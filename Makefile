@@ -29,7 +29,7 @@ pool: $(STAMP)
 	$(VENV)/bin/amt train --config configs/embedded.yaml --out runs/glyph_pool --resume
 	$(VENV)/bin/amt export-pool runs/glyph_pool src/amt/assets/glyph_pool
 
-# Which part of AMT does what (docs/results.md): 5 variants x 3 training seeds, 10 rows, about 45 minutes.
+# Which part of AMT does what (docs/results.md): 5 variants x 3 training seeds, 10 rows, about 35 minutes on 2 cores.
 study: $(STAMP)
 	$(VENV)/bin/amt study --config configs/embedded.yaml --out runs/study
 
