@@ -146,6 +146,14 @@ def test_merge_table_lists_chosen_hyperparameters_per_shot_and_their_validation_
         s = int(row["shot"])
         assert row["domain"] == "latin" and "rho=0.9" in row["chosen"] and f"beta={6.0 + s}" in row["chosen"]
         assert float(row["validation acc"]) == 81.5 + s and row["validation tasks"] == "validation classes"
+        assert row["objective"] == "clean" and row["validation robust acc"] == "—"  # the paper's selection
+    results = synthetic()
+    info = results["tuning"]["AMT"]["latin"]["1"]
+    info["selection"] = {"objective": "constrained", "clean_tolerance": 1.0}
+    for v in info["validation"]:
+        v["robust_acc"] = v["acc"] - 40
+    row = md_rows(merge_table(results))[0]
+    assert row["objective"] == "constrained, clean_tolerance 1" and float(row["validation robust acc"]) == 42.5
 
 
 def test_figures_are_pngs_and_absent_sections_are_skipped(tmp_path):

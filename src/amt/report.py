@@ -285,19 +285,27 @@ def masking_table(results: dict, fmt: str = "md") -> str:
 
 def merge_table(results: dict, fmt: str = "md") -> str:
     """Settings chosen on validation tasks per tuned method, domain and shot (merge hyper-parameters, fine-tuning
-    learning rate), with the chosen setting's validation accuracy (%)."""
-    header = ["method", "domain", "shot", "rule", "chosen", "validation acc", "validation tasks"]
+    learning rate), the objective they maximised, and the chosen setting's validation accuracy (%), clean and (robust
+    objectives) under the selection attack."""
+    header = ["method", "domain", "shot", "rule", "chosen", "objective", "validation acc", "validation robust acc",
+              "validation tasks"]
     table = []
     for method, domain, shot, info in tuned(results):
         chosen = dict(info.get("chosen") or {})
-        acc = [v["acc"] for v in info.get("validation", []) if v.get("params") == chosen]
+        points = [v for v in info.get("validation", []) if v.get("params") == chosen]
+        acc = [v["acc"] for v in points]
+        robust = [v["robust_acc"] for v in points if "robust_acc" in v]
         ft = info.get("finetune") or {}
         if "chosen_lr" in ft:
             chosen["finetune_lr"] = ft["chosen_lr"]
             acc = acc or [v["acc"] for v in ft.get("lr_validation", []) if v.get("lr") == ft["chosen_lr"]]
+        sel = info.get("selection") or {}
+        objective = sel.get("objective", "clean") + "".join(
+            f", {k} {sel[k]:g}" for k in ("robust_weight", "clean_tolerance") if k in sel)
         table.append([method, domain, shot, info.get("rule") or MISSING,
-                      ", ".join(f"{k}={v}" for k, v in chosen.items()) or MISSING,
-                      float(acc[0]) if acc else None, info.get("validation_tasks", MISSING)])
+                      ", ".join(f"{k}={v}" for k, v in chosen.items()) or MISSING, objective,
+                      float(acc[0]) if acc else None, float(robust[0]) if robust else None,
+                      info.get("validation_tasks", MISSING)])
     return _render(header, table, fmt)
 
 
