@@ -144,14 +144,8 @@ def _episode_loss(
 
 
 def training_step(
-    model: nn.Module,
-    episode: Episode,
-    scale: torch.Tensor,
-    apsv_params: list[nn.Parameter] | None,
-    attack: AttackConfig | None,
-    perturb: PerturbConfig,
-    lambda_adv: float,
-    generator: torch.Generator | None = None,
+    model: nn.Module, episode: Episode, scale: torch.Tensor, apsv_params: list[nn.Parameter] | None,
+    attack: AttackConfig | None, perturb: PerturbConfig, lambda_adv: float, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, StepResult]:
     """Forward/backward of one episode; leaves the gradients in ``.grad`` (the caller steps the optimiser).
 
