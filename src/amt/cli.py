@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and stop once N episodes are done (continue later with --resume)")
     p.set_defaults(run=cmd_train)
 
+    p = sub.add_parser("predict", help="classify your own images from a few labelled examples per class (CSV)")
+    _add_config(p)
+    p.add_argument("--support", required=True, metavar="DIR", help="folder with one sub-folder of images per class")
+    p.add_argument("--query", required=True, nargs="+", metavar="PATH", help="image files or folders of images")
+    p.add_argument("--pool", metavar="RUN", help="a trained pool (or embedded:glyph_pool): AMT; default PM")
+    p.add_argument("--robustness", action="store_true",
+                   help="add min_eps: the smallest l_inf radius (pixels, bisection) at which PGD flips the prediction")
+    p.add_argument("--out", required=True, help="CSV file: path, label, one probability column per class[, min_eps]")
+    p.set_defaults(run=cmd_predict)
+
     p = sub.add_parser("export-pool", help="copy a finished pool without its training state, with the sha256 of "
                                            "every file (how the shipped pool is made: `make pool`)")
     p.add_argument("run_dir", metavar="run", help="pool directory written by `amt train --out`")
@@ -153,6 +163,26 @@ def _first_rank() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- verbs
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from amt.classify import FewShotClassifier, predict_folders
+    from amt.rundir import write_text
+
+    clf = FewShotClassifier.from_config(_config(args), pool=args.pool)
+    files, out = predict_folders(clf, args.support, args.query, args.robustness)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "label", *(f"p_{c}" for c in out.classes), *(["min_eps"] if args.robustness else [])])
+    for i, path in enumerate(files):
+        eps = [f"{float(out.min_eps[i]):.6g}"] if out.min_eps is not None else []
+        writer.writerow([str(path), out.labels[i], *(f"{p:.6f}" for p in out.probs[i].tolist()), *eps])
+    write_text(args.out, buf.getvalue())
+    print(f"classified {len(files)} image(s) into {len(out.classes)} classes: {args.out}")
+    return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -92,6 +92,11 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"benchmark must be 'glyphs' or 'custom', got {cfg.benchmark!r}")
     if not cfg.domains:
         raise ConfigError("no evaluation domains: list them under `domains:` (name, path, format, splits, split)")
+    return resolve_assets(cfg)
+
+
+def resolve_assets(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Shipped files named ``embedded:NAME`` (the backbone checkpoint, method pools) as paths."""
     ckpt = cfg.backbone.checkpoint
     if ckpt and ckpt.startswith(EMBEDDED_PREFIX):
         path = embedded_asset(ckpt[len(EMBEDDED_PREFIX):] + ".safetensors")
