@@ -144,16 +144,10 @@ def member_scores(
     return MemberScores(torch.stack(c), torch.stack(v), torch.stack(ce), *adv)
 
 
-def score_attack(attack: AttackConfig, steps: int) -> AttackConfig:
-    """The attack on the pseudo-queries of the robustness-aware scores: PGD in ``attack``'s threat model (norm,
-    ε), ``steps`` steps of 2.5·ε/steps (one step: FGSM from a random start), CE, one run."""
-    return dataclasses.replace(attack, step_size=2.5 * attack.eps / max(1, steps), steps=steps, restarts=1,
-                               random_start=True, objective="ce", pyramid=False)
-
-
-def selection_attack(attack: AttackConfig, steps: int) -> AttackConfig:
-    """The attack of the robust validation accuracy that chooses the merge settings: PGD in ``attack``'s threat
-    model, ``steps`` steps of 2.5·ε/steps (Madry et al.), CE, random start, one run, worst case over iterates."""
+def short_attack(attack: AttackConfig, steps: int) -> AttackConfig:
+    """The cheap attacks of the robustness-aware rule — on the pseudo-queries of the member scores, and for the
+    robust validation accuracy that chooses the merge settings: PGD in ``attack``'s threat model (norm, ε),
+    ``steps`` steps of 2.5·ε/steps (Madry et al.; one step: FGSM from a random start), CE, one run."""
     return dataclasses.replace(attack, step_size=2.5 * attack.eps / max(1, steps), steps=steps, restarts=1,
                                random_start=True, objective="ce", pyramid=False)
 

@@ -43,8 +43,7 @@ from amt.merge import (
     merge_grid,
     merged_task,
     pseudo_queries,
-    score_attack,
-    selection_attack,
+    short_attack,
 )
 from amt.rundir import LoadedPool
 
@@ -209,7 +208,7 @@ class PoolMethod(Method):
         """C_i, V_i and the pseudo-query CE of every member on one support set (``adversarial``: also C_i^adv and
         V_i^adv on the pseudo-queries attacked against each member)."""
         pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.augment, generator)
-        attack = score_attack(self.attack, self.cfg.score_steps) if adversarial else None
+        attack = short_attack(self.attack, self.cfg.score_steps) if adversarial else None
         return member_scores(self.model, self.names, [float(s) for s in self.scales], support_images,
                              support_labels, n_way, pseudo, pseudo_labels, attack, generator)
 
@@ -259,7 +258,7 @@ class PoolMethod(Method):
 
     def tune(self, tasks: Sequence[Episode], rng: TaskRng) -> dict:
         """Rule "ttm": choose (γ, λ, β, ρ, trimmed group) on ``tasks`` by ``merge.objective``: mean clean accuracy,
-        robust accuracy under :func:`amt.merge.selection_attack`, (1 − w)·clean + w·robust, or the most robust
+        robust accuracy under :func:`amt.merge.short_attack`, (1 − w)·clean + w·robust, or the most robust
         point within ``clean_tolerance`` of the best clean accuracy. Member scores are computed once per task; ties
         keep the earliest grid point (γ = 0 and no trimming first)."""
         info: dict = {"rule": self.rule, "members": list(self.names)}
@@ -271,7 +270,7 @@ class PoolMethod(Method):
         _require_tasks(tasks, "the merge hyper-parameters", len(self.grid))
         adversarial = any(p.adv_weight > 0 for p in self.grid)
         objective, w = self.cfg.objective, self.cfg.robust_weight
-        attack = selection_attack(self.attack, self.cfg.select_steps) if objective != "clean" else None
+        attack = short_attack(self.attack, self.cfg.select_steps) if objective != "clean" else None
 
         def grid_accuracies(t: int, e: Episode) -> list[float]:
             gen = rng(t)

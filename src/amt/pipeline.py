@@ -267,13 +267,16 @@ def with_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     return from_dict(ExperimentConfig, merge_dicts(to_dict(cfg), variant_overrides(name)))
 
 
-def short_run(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The demo's short meta-tuning run: ``cfg``'s AMT recipe for ``demo.train_episodes`` episodes, validated
-    halfway and at the end."""
-    n = cfg.demo.train_episodes
-    train = dataclasses.replace(cfg.train, epochs=1, episodes_per_epoch=n, val_every=max(1, n // 2),
-                                checkpoint_every=n, warmup_epochs=min(cfg.train.warmup_epochs, 0.1))
-    return dataclasses.replace(with_variant(cfg, "amt"), train=train)
+def shortened(cfg: ExperimentConfig, variant: str, episodes: int, val_every: int,
+              seed: int | None = None) -> ExperimentConfig:
+    """``cfg`` with meta-tuning variant ``variant`` cut to one epoch of ``episodes`` episodes (warm-up at most a
+    tenth of it), validated every ``val_every`` episodes and at the end, one checkpoint at the end; ``seed``:
+    another ``train.seed``. The demo's short run and the study's pools."""
+    vcfg = with_variant(cfg, variant)
+    train = dataclasses.replace(vcfg.train, epochs=1, episodes_per_epoch=episodes, val_every=val_every,
+                                checkpoint_every=episodes, warmup_epochs=min(vcfg.train.warmup_epochs, 0.1),
+                                seed=vcfg.train.seed if seed is None else seed)
+    return dataclasses.replace(vcfg, train=train)
 
 
 def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
@@ -294,7 +297,9 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path) -> str:
         if not 0 <= cfg.demo.train_member < len(cfg.pool.eps):
             raise ConfigError(f"demo.train_member={cfg.demo.train_member}: the pool has {len(cfg.pool.eps)} members")
         if cfg.demo.train_episodes > 0:
-            manifest = run_train(short_run(cfg), out / "short_run", members=[cfg.demo.train_member], resume=True)
+            n = cfg.demo.train_episodes  # validated halfway and at the end
+            manifest = run_train(shortened(cfg, "amt", n, max(1, n // 2)), out / "short_run",
+                                 members=[cfg.demo.train_member], resume=True)
             tables.append(f"Meta-tuning, a short run of member {cfg.demo.train_member} ({out / 'short_run'}; the "
                           f"evaluated pool was trained with `make pool`):\n\n{training_table(manifest)}")
         tables.append(f"The evaluated AMT pool ({cfg.demo.pool}):\n\n{training_table(read_manifest(Path(pool)))}")

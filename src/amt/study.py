@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from amt.config import ExperimentConfig, MethodConfig
+from amt.results import domains_of, select, tuned
 from amt.rundir import RESULTS_FILE, read_json, write_json, write_text
 from amt.stats import Estimate, combine, estimate
 
@@ -46,16 +47,6 @@ def study_rows(run: Path, cfg: ExperimentConfig) -> tuple[MethodConfig, ...]:
     )
 
 
-def _train_cfg(cfg: ExperimentConfig, variant: str, seed: int) -> ExperimentConfig:
-    from amt.pipeline import with_variant
-
-    n = cfg.study.episodes
-    vcfg = with_variant(cfg, variant)
-    return dataclasses.replace(vcfg, train=dataclasses.replace(
-        vcfg.train, seed=100 * seed, epochs=1, episodes_per_epoch=n, val_every=n, checkpoint_every=n,
-        warmup_epochs=min(vcfg.train.warmup_epochs, 0.1)))
-
-
 def _eval_cfg(cfg: ExperimentConfig, run: Path) -> ExperimentConfig:
     ev = dataclasses.replace(cfg.eval, n_tasks=cfg.study.n_tasks, adv_tasks=cfg.study.adv_tasks, eps_sweep=(),
                              l2_eps=(), corruptions=())
@@ -66,7 +57,7 @@ def _eval_cfg(cfg: ExperimentConfig, run: Path) -> ExperimentConfig:
 
 def run_study(cfg: ExperimentConfig, out_dir: str | Path) -> str:
     """Train, evaluate and summarise (see the module docstring); returns the Markdown summary."""
-    from amt.pipeline import resolve, run_evaluate, run_train
+    from amt.pipeline import resolve, run_evaluate, run_train, shortened
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -76,7 +67,8 @@ def run_study(cfg: ExperimentConfig, out_dir: str | Path) -> str:
         run = out / f"seed{seed}"
         for variant in VARIANTS:
             log.info("study: seed %d, meta-tuning %s", seed, variant)
-            run_train(_train_cfg(cfg, variant, seed), run / variant, resume=True)
+            n = cfg.study.episodes
+            run_train(shortened(cfg, variant, n, n, seed=100 * seed), run / variant, resume=True)
         if not (run / RESULTS_FILE).is_file():
             run_evaluate(_eval_cfg(cfg, run), run)
         results.append(read_json(run / RESULTS_FILE, "study results"))
@@ -93,9 +85,9 @@ def run_study(cfg: ExperimentConfig, out_dir: str | Path) -> str:
 
 
 def _per_task(results: dict, method: str, domain: str, shot: int, cond: str) -> list[float]:
-    for r in results["results"]:
-        if (r["method"], r["domain"], r["n_shot"], r["condition"]) == (method, domain, shot, cond) and (
-                cond != "adversarial" or r["attack"]["headline"]):
+    """Per-task accuracies of one row (adversarial: the headline attack)."""
+    for r in select(results, cond, shot):
+        if (r["method"], r["domain"]) == (method, domain):
             return r["accuracies"]
     raise KeyError((method, domain, shot, cond))
 
@@ -103,7 +95,7 @@ def _per_task(results: dict, method: str, domain: str, shot: int, cond: str) -> 
 def summarize(per_seed: list[dict], reference: str = "PM") -> dict:
     """Per row, shot, condition and domain kind: mean accuracy and the paired difference to ``reference``."""
     first = per_seed[0]
-    domains = {r["domain"]: r["in_domain"] for r in first["results"]}
+    domains = domains_of(first["results"])
     methods = list(dict.fromkeys(r["method"] for r in first["results"]))
     shots = sorted({r["n_shot"] for r in first["results"]})
     rows = []
@@ -132,8 +124,8 @@ def _coefficients(per_seed: list[dict], method: str = "AMT") -> dict:
     """Mean merge coefficient ζ per member of ``method``'s test tasks, per shot (over domains and seeds)."""
     out: dict = {}
     for res in per_seed:
-        for per_shot in res.get("tuning", {}).get(method, {}).values():
-            for shot, info in per_shot.items():
+        for m, _, shot, info in tuned(res):
+            if m == method:
                 out.setdefault(shot, []).extend(info.get("coefficients", []))
     return {shot: [sum(z[i] for z in zs) / len(zs) for i in range(len(zs[0]))] for shot, zs in out.items() if zs}
 
@@ -143,15 +135,16 @@ def _validation_tradeoff(per_seed: list[dict], method: str = "AMT") -> dict:
     the grid points with that γ and the first other settings)."""
     acc: dict = {}
     for res in per_seed:
-        for per_shot in res.get("tuning", {}).get(method, {}).values():
-            for shot, info in per_shot.items():
-                seen = set()
-                for v in info.get("validation", []):
-                    gamma = v["params"].get("adv_weight", 0.0)
-                    if "robust_acc" not in v or gamma in seen:
-                        continue
-                    seen.add(gamma)
-                    acc.setdefault(shot, {}).setdefault(gamma, []).append((v["acc"], v["robust_acc"]))
+        for m, _, shot, info in tuned(res):
+            if m != method:
+                continue
+            seen = set()
+            for v in info.get("validation", []):
+                gamma = v["params"].get("adv_weight", 0.0)
+                if "robust_acc" not in v or gamma in seen:
+                    continue
+                seen.add(gamma)
+                acc.setdefault(shot, {}).setdefault(gamma, []).append((v["acc"], v["robust_acc"]))
     return {shot: {str(g): [sum(c for c, _ in xs) / len(xs), sum(r for _, r in xs) / len(xs)]
                    for g, xs in sorted(per_g.items())} for shot, per_g in acc.items()}
 
