@@ -179,6 +179,27 @@ def test_active_forward_equals_dense_linear(pool: nn.Module) -> None:
             torch.testing.assert_close(layer(xi), F.linear(xi, w, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+def test_folded_and_factored_adapter_paths_agree_in_value_and_gradient(pool: nn.Module) -> None:
+    """Many rows take the folded path x (W_res + ΔW)ᵀ, one row the factored B (A x): same outputs and factor grads."""
+    randomize_adapters(pool)
+    layer = next(iter(lora_layers(pool).values()))
+    layer.set_active_adapter("m1")
+    x = torch.randn(400, layer.in_features, generator=gen(5))
+    grads = []
+    for chunks in (x[None], x[:, None]):  # one call with 400 rows (folded) / 400 calls with one row (factored)
+        out = torch.cat([layer(c) for c in chunks]).reshape(400, -1)
+        (out.square().sum()).backward()
+        grads.append([p.grad.clone() for p in layer.adapter_parameters("m1")])
+        for p in layer.adapter_parameters("m1"):
+            p.grad = None
+        torch.testing.assert_close(
+            out.detach(), F.linear(x, layer.weight + hand_delta(layer, "m1"), layer.bias), atol=1e-5, rtol=1e-5
+        )
+    for folded, factored in zip(*grads):
+        assert folded.abs().max() > 0
+        torch.testing.assert_close(folded, factored, atol=1e-4, rtol=1e-4)
+
+
 def test_scaling_multiplies_the_adapter_term() -> None:
     model = tiny_vit()
     inject_lora(model, names=("m0",), rank=RANK, scaling=0.5)

