@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.amt-installed
+TEST_STAMP := $(VENV)/.amt-test-installed
 # torch/torchvision pinned for the project's own environment; the package metadata states ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
@@ -11,15 +12,20 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[test,autoattack]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[autoattack]' $(TORCH_PINS)
 	touch $(STAMP)
+
+# the tests also need pytest, ruff, peft (export round trip) and the browser app's Gradio and Playwright
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,app,autoattack]' $(TORCH_PINS)
+	touch $(TEST_STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/amt demo --config configs/embedded.yaml --out runs/demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -33,7 +39,7 @@ pool: $(STAMP)
 study: $(STAMP)
 	$(VENV)/bin/amt study --config configs/embedded.yaml --out runs/study
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow
 
 clean:

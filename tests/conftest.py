@@ -87,3 +87,15 @@ def assert_same_state(before: Mapping[str, torch.Tensor], after: Mapping[str, to
         after = after.state_dict()
     changed = changed_keys(before, after)
     assert not changed, f"{len(changed)} state entries changed, e.g. {sorted(changed)[:4]}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the outcome of the browser-app tests (Chromium + Playwright) in the summary, so CI output shows
+    whether the page was really driven or skipped, and why."""
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "test_app.py" in getattr(report, "nodeid", "") and report.when in ("call", "setup"):
+                if outcome == "passed" and report.when != "call":
+                    continue
+                why = f": {report.longrepr[2]}" if outcome == "skipped" and isinstance(report.longrepr, tuple) else ""
+                terminalreporter.write_line(f"browser app: {report.nodeid.split('::')[-1]} {outcome}{why}")

@@ -63,6 +63,22 @@ def test_robustness_readout_is_the_smallest_flipping_radius(amt_clf, folders):
             assert not bool(kept[0])  # at the reported radius the attack flips the prediction
 
 
+def test_attack_stays_in_the_ball_and_its_prediction_is_what_predict_says(amt_clf, folders):
+    support, query = folders
+    amt_clf.fit({d.name: sorted(d.iterdir()) for d in sorted(support.iterdir())})
+    queries = sorted(query.iterdir())[:4]
+    x = amt_clf._images(queries)
+    eps = 16 / 255
+    adv, clean, attacked = amt_clf.attack(queries, eps)
+    assert adv.shape == x.shape and float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= 0 and float(adv.max()) <= 1
+    assert clean.labels == amt_clf.predict(queries).labels
+    assert attacked.labels == amt_clf.predict(list(adv)).labels  # the adversarial images, classified afresh
+    assert attacked.labels != clean.labels  # 16/255 flips some of these noise images (min_eps ≈ 1/255)
+    with pytest.raises(ValueError, match="pixel units"):
+        amt_clf.attack(queries, 8)
+
+
 def test_bad_images_and_support_sets_are_named(amt_clf, tmp_path):
     bad = tmp_path / "note.png"
     bad.write_text("not an image")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from amt.attacks import robust_under_pgd
+from amt.attacks import adversarial_queries, robust_under_pgd
 from amt.config import ConfigError, ExperimentConfig, MethodConfig, load_config
 from amt.data.base import DataError, Transform
 from amt.methods import Method, PoolMethod
@@ -139,6 +139,42 @@ class FewShotClassifier:
             min_eps = self._min_eps(fn, x, pred, max_eps, bisection_steps) if robustness else None
         return Prediction(list(self.classes), [self.classes[i] for i in pred.tolist()],
                           logits.softmax(-1).cpu(), min_eps)
+
+    def attack(self, queries: Sequence[ImageLike], eps: float) -> tuple[torch.Tensor, Prediction, Prediction]:
+        """Attack ``queries`` against this classifier (white box, fitted support set) at ℓ∞ radius ``eps`` (pixels).
+
+        The configuration's attack (PGD, its steps and restarts, step ε/10, CE against the clean prediction) is
+        run; per query the first restart that flips the prediction is kept (else the last one).
+        Returns (adversarial images ``[Q, 3, S, S]`` in [0, 1] on the CPU, clean prediction, adversarial prediction).
+        """
+        if self.support is None:
+            raise RuntimeError("call fit(support) before attack")
+        if not 0 < eps <= 1:
+            raise ValueError(f"eps must be in (0, 1] (pixel units; 8/255 = {8 / 255:.4f}), got {eps}")
+        x = self._images(queries)
+        generator = torch.Generator().manual_seed(self.seed)
+        attack = dataclasses.replace(self.cfg.attack, norm="linf", eps=eps, step_size=eps / 10, pyramid=False,
+                                     objective="ce")
+        with self.method.adapt(self.support, self.support_labels, len(self.classes), generator) as (fn, _):
+            with torch.no_grad():
+                clean = fn(x)
+            pred = clean.argmax(-1)
+            adv = x.clone()
+            flipped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for _ in range(max(1, attack.restarts)):
+                x_adv = adversarial_queries(attack, fn, x, labels=pred, generator=generator)
+                with torch.no_grad():
+                    now = fn(x_adv).argmax(-1) != pred
+                take = ~flipped
+                adv[take] = x_adv[take]
+                flipped |= now
+            with torch.no_grad():
+                adv_logits = fn(adv)
+        return adv.cpu(), self._prediction(clean), self._prediction(adv_logits)
+
+    def _prediction(self, logits: torch.Tensor) -> Prediction:
+        return Prediction(list(self.classes), [self.classes[i] for i in logits.argmax(-1).tolist()],
+                          logits.softmax(-1).cpu())
 
     def _min_eps(self, fn, x: torch.Tensor, pred: torch.Tensor, max_eps: float, steps: int) -> torch.Tensor:
         def flips(i: int, eps: float) -> bool:

@@ -80,11 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file: path, label, one probability column per class[, min_eps]")
     p.set_defaults(run=cmd_predict)
 
+    p = sub.add_parser("app", help="a browser app: PM and AMT side by side on your own images, and under attack "
+                                   "(needs pip install -e '.[app]')")
+    _add_config(p)
+    p.add_argument("--pool", default="embedded:glyph_pool",
+                   help="the pool AMT uses: a run directory or embedded:NAME (default: %(default)s); 'none': PM only")
+    p.add_argument("--port", type=int, help="port (default: a free one from 7860 up)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.set_defaults(run=cmd_app)
+
     p = sub.add_parser("export-pool", help="copy a finished pool without its training state, with the sha256 of "
                                            "every file (how the shipped pool is made: `make pool`)")
     p.add_argument("run_dir", metavar="run", help="pool directory written by `amt train --out`")
     p.add_argument("dest", help="new folder (or an earlier export, which is replaced)")
     p.set_defaults(run=cmd_export_pool)
+
+    p = sub.add_parser("export", help="write a trained pool as PEFT LoRA adapters (one folder per member, for the "
+                                      "unmodified timm backbone) with a model card README.md")
+    _add_config(p)
+    p.add_argument("--pool", required=True, metavar="RUN", help="pool directory (`amt train --out`) or "
+                   "embedded:glyph_pool; --config must name its backbone")
+    p.add_argument("--format", default="peft", help="output format (default: %(default)s; the only one)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder (nothing is overwritten)")
+    p.add_argument("--results", metavar="RESULTS_JSON", help="results.json of `amt evaluate`/`amt demo`: its "
+                   "clean, robust and corrupted accuracy go into the model card")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("report", help="render tables (Markdown, CSV) and figures from a run's results.json")
     p.add_argument("run_dir", metavar="run", help="run directory holding results.json (or the results file itself)")
@@ -185,6 +205,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from amt.app import serve
+
+    serve(_config(args), None if args.pool.lower() == "none" else args.pool, args.port, args.host)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from amt.study import run_study
 
@@ -199,6 +226,15 @@ def cmd_export_pool(args: argparse.Namespace) -> int:
 
     record = export_pool(args.run_dir, args.dest, "amt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(f"exported {len(record['files'])} files to {args.dest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from amt.export import export_peft
+    from amt.pipeline import resolve_assets
+
+    out = export_peft(args.pool, args.out, resolve_assets(_config(args)).backbone, args.results, args.format)
+    print(f"exported the PEFT adapters of {args.pool} and a model card to {out}")
     return 0
 
 
