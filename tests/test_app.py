@@ -105,3 +105,18 @@ def test_uploaded_images_are_classified_and_attacked_in_the_page(browser_page):
     page.locator("#amt-attack-gallery img").nth(4).wait_for()  # query + 2 images per model
     assert page.locator("#amt-attack-gallery img").count() >= 5
     _screenshot(page, "app_attack.png")
+
+
+def test_an_embedded_example_task_fills_the_page_and_is_classified(browser_page):
+    page = browser_page
+    page.reload()
+    page.locator("#amt-example").click()
+    support, queries = example_task(load_config("configs/embedded.yaml"), "latin", n_shot=1)  # the page's defaults
+    page.locator("#amt-queries td.filename").nth(len(queries) - 1).wait_for()
+    assert page.locator("#amt-name-0 textarea, #amt-name-0 input").first.input_value() == list(support)[0]
+    page.locator("#amt-classify").click()
+    rows = page.locator("#amt-prediction-table tbody tr")
+    rows.nth(len(queries) - 1).wait_for()
+    labels = [rows.nth(i).locator("td.amt-amt").get_attribute("data-label") for i in range(rows.count())]
+    expected = FewShotClassifier.from_config(load_config("configs/embedded.yaml"), pool="embedded:glyph_pool")
+    assert labels == expected.fit(support).predict(queries).labels

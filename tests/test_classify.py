@@ -112,3 +112,28 @@ def test_amt_predict_writes_one_row_per_query_and_refuses_bad_input(folders, tmp
     assert main(["predict", "--support", str(support), "--query", str(tmp_path / "q"),
                  "--out", str(tmp_path / "x.csv")]) == 2  # no query images
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_amt_predict_names_each_bad_input(folders, tmp_path, caplog):
+    support, query = folders
+    out = str(tmp_path / "x.csv")
+
+    def error(args: list[str]) -> str:
+        caplog.clear()
+        assert main(["predict", *args, "--out", out]) == 2
+        return " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+    one = tmp_path / "one_class"
+    (one / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(one / "cat" / "a.png")
+    assert "at least 2 classes" in error(["--support", str(one), "--query", str(query)])
+    (one / "dog").mkdir()
+    assert "['dog'] have no support images" in error(["--support", str(one), "--query", str(query)])
+    (one / "dog" / "broken.png").write_bytes(b"not an image")
+    assert "broken.png" in error(["--support", str(one), "--query", str(query)])
+    (tmp_path / "q").mkdir()
+    assert "no query images" in error(["--support", str(support), "--query", str(tmp_path / "q")])
+    message = error(["--support", str(support), "--query", str(query), "--pool", "embedded:glyph_pool",
+                     "--set", "backbone.checkpoint=null", "--set", "backbone.random_init=true"])  # another backbone
+    assert "glyph_pool was trained from backbone" in message
+    assert not (tmp_path / "x.csv").exists()

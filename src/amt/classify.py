@@ -29,7 +29,7 @@ from PIL import Image
 
 from amt.attacks import adversarial_queries, robust_under_pgd
 from amt.config import ConfigError, ExperimentConfig, MethodConfig, load_config
-from amt.data.base import DataError, Transform
+from amt.data.base import DataError, Transform, read_rgb
 from amt.methods import Method, PoolMethod
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,7 @@ def load_image(image: ImageLike, transform: Transform, size: int) -> torch.Tenso
                                                align_corners=False)[0].clamp(0, 1)
     if isinstance(image, Image.Image):
         return transform(image.convert("RGB"))
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}; give image files (png, jpg, ...)") from exc
-    return transform(rgb)
+    return transform(read_rgb(image, "Give image files (png, jpg, ...)."))
 
 
 class FewShotClassifier:
@@ -214,16 +208,19 @@ def predict_folders(clf: FewShotClassifier, support_dir: str | Path, queries: Se
                     robustness: bool = False) -> tuple[list[Path], Prediction]:
     """`amt predict`: fit on ``support_dir`` (one sub-folder of images per class) and classify ``queries``
     (image files, or folders of them)."""
-    exts = set(clf.cfg.data.extensions)
-    root = Path(support_dir)
-    if not root.is_dir():
-        raise DataError(f"--support {root}: not a folder; give a folder with one sub-folder of images per class")
-    support = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in exts)
-               for d in sorted(root.iterdir()) if d.is_dir()}
+    from amt.config import DomainConfig
+    from amt.data.readers import read_folder
+
+    if not Path(support_dir).is_dir():
+        raise DataError(f"--support {support_dir}: not a folder; give a folder with one sub-folder of images per "
+                        "class")
+    exts = {e.lower() for e in clf.cfg.data.extensions}
+    listed = read_folder(DomainConfig("support", str(support_dir)), clf.cfg.data, clf.transform)
+    support = {c: [p for p, y in listed.samples if y == label] for label, c in enumerate(listed.class_names)}
     files: list[Path] = []
     for q in map(Path, queries):
         if q.is_dir():
-            files += sorted(p for p in q.iterdir() if p.suffix.lower() in exts)
+            files += sorted(p for p in q.iterdir() if p.is_file() and p.suffix.lower() in exts)
         elif q.is_file():
             files.append(q)
         else:

@@ -46,6 +46,15 @@ def is_readable(path: Path) -> bool:
         return False
 
 
+def read_rgb(path: str | Path, fix: str = "Remove or replace the file") -> Image.Image:
+    """Decode the image file ``path`` as RGB; an unreadable file raises :class:`DataError` naming it and ``fix``."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}. {fix}") from exc
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images of one domain with integer labels ``0..C-1``.
 
@@ -98,15 +107,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """Decode image ``index`` as RGB; an unreadable file raises :class:`DataError` naming it."""
         if index in self._cache:
             return Image.fromarray(self._cache[index])
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(
-                f"cannot read image {path}: {exc}. Remove or replace the file, or set "
-                f"data.skip_unreadable=true to skip unreadable images (they are counted in the log)."
-            ) from exc
+        image = read_rgb(self.samples[index][0], "Remove or replace the file, or set data.skip_unreadable=true "
+                         "to skip unreadable images (they are counted in the log).")
         if self.cache_decoded:
             self._cache[index] = np.asarray(image)
         return image
