@@ -11,6 +11,8 @@ Per task, from the support set only:
    robustness-aware (beyond the paper, γ > 0): C_i^adv, V_i^adv on the pseudo-queries attacked against member i;
 3. score_i = λ·C_i − (1−λ)·V_i, u_i = exp(−β(1 − score_i)); keep the top-k, ζ = u / Σ_topk u (Algorithm 2);
    robustness-aware: ζ^adv the same from C^adv, V^adv, and ζ ← (1−γ)·ζ + γ·ζ^adv (γ = 0: Algorithm 2);
+   the linear-classifier rule instead: ζ = the mean output on the support set of a classifier of which member
+   each attacked pseudo-query was attacked against (:func:`classifier_coefficients`);
 4. W' = W_res + Σ ζ_i B_i A_i in every adapted layer (:func:`amt.lora.merged`, restored bit-for-bit);
 5. singular-value trimming of W' on the chosen layer group: keep the top ρ fraction of singular values.
 
@@ -175,6 +177,66 @@ def merge_coefficients(scores: MemberScores, lambda_: float, beta: float, top_k:
         adv = _top_k_weights(scores.adv_compactness, scores.adv_divergence, lambda_, beta, top_k)
         zeta = (1 - adv_weight) * zeta + adv_weight * adv
     return zeta.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear-classifier rule (FLUTE-like; the paper's Table 6)
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_member_classifier(feats: Tensor, members: Tensor, n_members: int, cfg: MergeConfig) -> Tensor:
+    """Softmax-linear classifier of which member produced each sample; returns the probability function's weights.
+
+    ``feats`` ``[M, D]`` (already standardised), ``members`` ``[M]`` in ``0..n_members-1``. Full-batch Adam
+    (``cfg.classifier_steps`` steps, ``cfg.classifier_lr``) from zero weights on the mean cross-entropy
+    + ``cfg.classifier_weight_decay``·‖W‖²; deterministic. Returns ``[D + 1, P]``: weights, then the bias row.
+    """
+    with torch.enable_grad():
+        weight = torch.zeros(feats.shape[1] + 1, n_members, dtype=feats.dtype, device=feats.device, requires_grad=True)
+        opt = torch.optim.Adam([weight], lr=cfg.classifier_lr)
+        x = torch.cat([feats.detach(), torch.ones_like(feats[:, :1])], 1)
+        for _ in range(cfg.classifier_steps):
+            loss = F.cross_entropy(x @ weight, members) + cfg.classifier_weight_decay * weight[:-1].pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return weight.detach()
+
+
+def member_probabilities(weight: Tensor, feats: Tensor) -> Tensor:
+    """``[M, P]`` probabilities of the classifier ``weight`` ``[D + 1, P]`` on standardised features ``[M, D]``."""
+    return torch.softmax(feats @ weight[:-1] + weight[-1], dim=-1)
+
+
+@torch.no_grad()
+def classifier_coefficients(
+    model: nn.Module, names: Sequence[str], scales: Sequence[float], support_images: Tensor, support_labels: Tensor,
+    pseudo_images: Tensor, pseudo_labels: Tensor, attacks: Sequence[AttackConfig], cfg: MergeConfig,
+    generator: torch.Generator,
+) -> Tensor:
+    """ζ ``[P]`` of rule "linear_classifier": the mean member probabilities of the clean support images.
+
+    Per task: the pseudo-queries ``[M, 3, H, W]`` are attacked against every member i (``attacks[i]``, CE on the
+    member's cosine ProtoNet with clean-support prototypes, at its logit scale ``scales[i]``), giving P·M samples
+    labelled i; their features under the uniformly merged pool (the one feature space every member shares),
+    standardised by the samples' per-dimension mean and std, train :func:`fit_member_classifier`; its mean
+    probabilities on the support images ``[S, 3, H, W]`` (same features and standardisation) are ζ. Every member
+    gets a weight (no top-k, no trimming).
+    """
+    n_way = int(support_labels.max()) + 1
+    samples = []
+    for name, scale, attack in zip(names, scales, attacks, strict=True):
+        with active_adapter(model, name):
+            protos = prototypes(model(support_images), support_labels, n_way)
+            samples.append(adversarial_queries(attack, lambda x, p=protos, s=scale: cosine_logits(model(x), p, s),
+                                               pseudo_images, labels=pseudo_labels, generator=generator))
+    with merged(model, {n: 1.0 / len(names) for n in names}):
+        feats = model(torch.cat(samples))
+        support_feats = model(support_images)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    members = torch.arange(len(names), device=feats.device).repeat_interleave(len(pseudo_images))
+    weight = fit_member_classifier((feats - mean) / std, members, len(names), cfg)
+    return member_probabilities(weight, (support_feats - mean) / std).mean(0).float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ The methods:
   meta-tuned full backbone);
 - :class:`PoolMethod`: a trained LoRA pool with a rule (:data:`RULES`); rule "ttm" (test-time merging,
   Algorithm 2, with trimming) is tuned per domain and shot;
-- :class:`FinetunedMethod`: any single-model method followed by PMF-style test-time fine-tuning on the
-  support set (PMF+FT, AMT-FT), its learning rate tuned per domain and shot.
+- :class:`FinetunedMethod`: any single-model method followed by test-time fine-tuning on the support set —
+  of every weight (PMF+FT, AMT-FT) or of ATTNSCALE's attention scales (ATTNSCALE, ATTNSCALE + AMT-FT), on
+  clean or also on attacked pseudo-queries (Adv. TTF) — its learning rate tuned per domain and shot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -32,12 +34,13 @@ from amt.attacks import robust_under_pgd
 from amt.config import AttackConfig, AugmentConfig, FinetuneConfig, MergeConfig
 from amt.data.episodes import Episode
 from amt.distributed import gather_by_index, shard
-from amt.finetune import finetuned
+from amt.finetune import TUNED, finetuned
 from amt.head import cosine_logits, prototypes
 from amt.lora import active_adapter
 from amt.merge import (
     MemberScores,
     MergeParams,
+    classifier_coefficients,
     member_scores,
     merge_coefficients,
     merge_grid,
@@ -50,10 +53,12 @@ from amt.rundir import LoadedPool
 LogitsFn = Callable[[Tensor], Tensor]
 TaskRng = Callable[[int], torch.Generator]  # task index → a fresh generator for that task's randomness
 
-RULES = ("ttm", "uniform", "logit_avg", "min_support_ce", "single")
+RULES = ("ttm", "uniform", "logit_avg", "min_support_ce", "single", "linear_classifier")
 """Pool rules: "ttm" (test-time merging by support scores + trimming), "uniform" (weight average of all
 members), "logit_avg" (average of the members' logits: an ensemble, no merge), "min_support_ce" (the "no
-TTM" ablation: the member with the lowest pseudo-query cross-entropy), "single" (a fixed member)."""
+TTM" ablation: the member with the lowest pseudo-query cross-entropy), "single" (a fixed member),
+"linear_classifier" (FLUTE-like, the paper's Table 6: ζ = the mean output on the support set of a per-task
+classifier of which member an attacked pseudo-query was attacked against; :func:`amt.merge.classifier_coefficients`)."""
 
 
 @dataclass
@@ -168,7 +173,7 @@ class PoolMethod(Method):
 
     ``attack`` is the threat model the evaluation uses (its norm and ε): the robustness-aware member scores
     (``merge.adv_weight_grid`` > 0) and the robust selection objectives attack at that radius; it is needed only
-    by them.
+    by them, and by rule "linear_classifier" for its norm (its radii are the members' training ε, ``pool.eps``).
     """
 
     def __init__(self, model: nn.Module, pool: LoadedPool, rule: str, merge: MergeConfig, augment: AugmentConfig,
@@ -193,7 +198,11 @@ class PoolMethod(Method):
             raise ValueError("merge.adv_weight_grid > 0 and merge.objective 'robust'/'balance' attack at the "
                              "evaluation's radius: give the method the attack (attack.eps > 0), or set "
                              "merge.adv_weight_grid=[0] and merge.objective=clean")
-        self.attack = attack
+        if rule == "linear_classifier" and (attack is None or len(pool.eps) != len(names)):
+            raise ValueError(f"rule 'linear_classifier' attacks with each member's training radius: the pool must "
+                             f"record one eps per member (got {len(pool.eps)} for {len(names)}; clean pools have "
+                             "none) and the method needs the evaluation attack for the norm")
+        self.attack, self.member_eps = attack, tuple(pool.eps)
 
     @property
     def tunable(self) -> bool:
@@ -215,6 +224,8 @@ class PoolMethod(Method):
     def coefficients(self, scores: MemberScores | None, params: MergeParams) -> Tensor:
         """ζ ``[P]`` of the rule (sums to 1)."""
         p = len(self.names)
+        if self.rule == "linear_classifier":
+            raise ValueError("rule 'linear_classifier' computes ζ from the support set (classifier_zeta)")
         if self.rule == "ttm":
             return merge_coefficients(scores, params.lambda_, params.beta, self.cfg.top_k, params.adv_weight)
         if self.rule == "uniform":
@@ -222,10 +233,20 @@ class PoolMethod(Method):
         index = int(scores.support_ce.argmin()) if self.rule == "min_support_ce" else self.member_index
         return F.one_hot(torch.tensor(index), p).float()
 
+    def classifier_zeta(self, support_images: Tensor, support_labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Rule "linear_classifier": ζ ``[P]`` from :func:`amt.merge.classifier_coefficients` — member i's attack is
+        the evaluation attack's norm at member i's training ε (``merge.score_steps`` steps)."""
+        pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.augment, generator)
+        attacks = [dataclasses.replace(short_attack(self.attack, self.cfg.score_steps), eps=e,
+                                       step_size=2.5 * e / max(1, self.cfg.score_steps)) for e in self.member_eps]
+        return classifier_coefficients(self.model, self.names, [float(s) for s in self.scales], support_images,
+                                       support_labels, pseudo, pseudo_labels, attacks, self.cfg, generator)
+
     @contextmanager
     def adapt_with(self, support_images: Tensor, support_labels: Tensor, n_way: int, scores: MemberScores | None,
-                   params: MergeParams) -> Iterator[tuple[LogitsFn, TaskRecord]]:
-        """The per-task model for given member scores and hyper-parameters (tuning reuses the scores)."""
+                   params: MergeParams, zeta: Tensor | None = None) -> Iterator[tuple[LogitsFn, TaskRecord]]:
+        """The per-task model for given member scores and hyper-parameters (tuning reuses the scores), or for
+        given coefficients ``zeta`` ``[P]``."""
         if self.rule == "logit_avg":
             fns = []
             for name, scale in zip(self.names, self.scales.tolist()):
@@ -241,7 +262,7 @@ class PoolMethod(Method):
 
             yield logits_fn, TaskRecord()
             return
-        zeta = self.coefficients(scores, params)
+        zeta = self.coefficients(scores, params) if zeta is None else zeta
         coeffs = {n: float(z) for n, z in zip(self.names, zeta) if float(z) != 0.0}
         scale = float((zeta.double() * self.scales).sum())
         rho, group = (params.rho, params.trim_group) if self.rule == "ttm" else (1.0, "none")
@@ -253,7 +274,9 @@ class PoolMethod(Method):
               generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
         scores = (self.scores(support_images, support_labels, n_way, generator, self.params.adv_weight > 0)
                   if self.rule in ("ttm", "min_support_ce") else None)
-        with self.adapt_with(support_images, support_labels, n_way, scores, self.params) as out:
+        zeta = (self.classifier_zeta(support_images, support_labels, generator)
+                if self.rule == "linear_classifier" else None)
+        with self.adapt_with(support_images, support_labels, n_way, scores, self.params, zeta) as out:
             yield out
 
     def tune(self, tasks: Sequence[Episode], rng: TaskRng) -> dict:
@@ -313,18 +336,26 @@ class PoolMethod(Method):
 
 class FinetunedMethod(Method):
     """Wrap a single-model method (PM, PMF or a pool rule other than "logit_avg"): its per-task model, then
-    fine-tuned on the support set (:func:`amt.finetune.finetuned`)."""
+    fine-tuned on the support set (:func:`amt.finetune.finetuned`): ``tuned`` is what is trained (one of
+    :data:`amt.finetune.TUNED`; its learning rates are ``cfg.lr_grid`` for "full", ``cfg.attnscale_lr_grid`` for
+    "attnscale"), ``adversarial`` switches on Adv. TTF."""
 
-    def __init__(self, inner: BackboneMethod | PoolMethod, cfg: FinetuneConfig, augment: AugmentConfig) -> None:
+    def __init__(self, inner: BackboneMethod | PoolMethod, cfg: FinetuneConfig, augment: AugmentConfig,
+                 tuned: str = "full", adversarial: bool = False) -> None:
         if isinstance(inner, PoolMethod) and inner.rule == "logit_avg":
             raise ValueError("test-time fine-tuning needs one model per task; rule 'logit_avg' has several")
+        if tuned not in TUNED:
+            raise ValueError(f"unknown fine-tuning target {tuned!r}; choose one of {TUNED}")
         self.inner, self.cfg, self.augment = inner, cfg, augment
+        self.tuned, self.adversarial = tuned, adversarial
         self.model = inner.model
-        self.lr = cfg.lr_grid[0] if cfg.lr_grid else cfg.lr
+        self.lr_grid = tuple(cfg.attnscale_lr_grid if tuned == "attnscale" else cfg.lr_grid)
+        default = cfg.attnscale_lr if tuned == "attnscale" else cfg.lr
+        self.lr = self.lr_grid[0] if self.lr_grid else default
 
     @property
     def tunable(self) -> bool:
-        return self.inner.tunable or len(self.cfg.lr_grid) > 1
+        return self.inner.tunable or len(self.lr_grid) > 1
 
     @property
     def pool_names(self) -> tuple[str, ...]:
@@ -335,15 +366,15 @@ class FinetunedMethod(Method):
               generator: torch.Generator) -> Iterator[tuple[LogitsFn, TaskRecord]]:
         with self.inner.adapt(support_images, support_labels, n_way, generator) as (fn, record):
             scale = fn.scale  # a single model's ProtoNet ("logit_avg" is refused at construction)
-            with finetuned(self.model, support_images, support_labels, n_way, self.cfg.steps, self.lr, self.augment,
-                           generator, scale):
+            with finetuned(self.model, support_images, support_labels, n_way, self.cfg, self.lr, self.augment,
+                           generator, scale, self.tuned, self.adversarial):
                 record.extra["finetune_lr"] = self.lr
                 yield protonet(self.model, support_images, support_labels, n_way, scale), record
 
     def tune(self, tasks: Sequence[Episode], rng: TaskRng) -> dict:
         """The inner method's settings first, then the learning rate from ``lr_grid`` (first maximum)."""
         info = self.inner.tune(tasks, rng)
-        grid = list(self.cfg.lr_grid)
+        grid = list(self.lr_grid)
         if len(grid) <= 1:
             return info | {"finetune": {"chosen_lr": self.lr}}
         _require_tasks(tasks, "the fine-tuning learning rate", len(grid))

@@ -151,7 +151,10 @@ def build_methods(cfg: ExperimentConfig) -> tuple[dict[str, Method], str]:
                       if pool.names
                       else BackboneMethod(backbone, pool.scales[0]))  # PMF: a meta-tuned full backbone
         if m.finetune:
-            method = FinetunedMethod(method, cfg.finetune, cfg.augment)
+            method = FinetunedMethod(method, cfg.finetune, cfg.augment, m.finetune_params, m.finetune_adversarial)
+        elif m.finetune_params != "full" or m.finetune_adversarial:
+            raise ConfigError(f"{m.name}: finetune_params/finetune_adversarial describe test-time fine-tuning; "
+                              "set finetune: true on the row")
         methods[m.name] = method
     return methods, backbone_fp
 

@@ -321,6 +321,9 @@ class LoadedPool:
 
     names: tuple[str, ...]  # adapter names in pool order; () for a full-backbone run (PMF)
     scales: tuple[float, ...]  # each member's trained logit scale (one entry for a full-backbone run)
+    # each member's training attack radius ε_i, pixel units (strategy "separate": pool.eps[i]; "uniform" and "random":
+    # the mean of pool.eps); () when unknown (clean meta-tuning, full-backbone runs)
+    eps: tuple[float, ...] = ()
 
 
 def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool:
@@ -364,7 +367,10 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
             raise ConfigError(str(exc)) from exc
     scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
     log.info("loaded pool %s: %s (logit scales %s)", run, names, ", ".join(f"{s:.2f}" for s in scales))
-    return LoadedPool(tuple(names), scales)
+    pool_eps = [float(e) for e in cfg["pool"]["eps"]]
+    eps = (() if not cfg["train"]["apq"] else tuple(pool_eps) if cfg["pool"].get("strategy", "separate") == "separate"
+           else (sum(pool_eps) / len(pool_eps),) * len(names))
+    return LoadedPool(tuple(names), scales, eps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -232,6 +232,12 @@ class MergeConfig:
     robust_weight: float = 0.5  # weight of robust accuracy in "balance", in [0, 1]
     clean_tolerance: float = 1.0  # "constrained": clean accuracy points given up at most, on validation tasks
     select_steps: int = 5  # PGD steps of the selection attack ("robust", "balance")
+    # rule "linear_classifier" (FLUTE-like, the paper's Table 6): per task, a softmax-linear classifier on the uniformly
+    # merged pool's standardised features learns which member each pseudo-query was attacked against (member i's
+    # training ε, `score_steps` PGD steps); ζ = its mean probabilities on the clean support images
+    classifier_steps: int = 100  # full-batch Adam steps of the member classifier (zero init)
+    classifier_lr: float = 0.05  # its Adam learning rate
+    classifier_weight_decay: float = 1e-3  # its L2 penalty on the weights (not the bias), per task
 
 
 @dataclass(frozen=True)
@@ -241,10 +247,15 @@ class MethodConfig:
     name: str = "PM"  # row label in tables
     pool: str | None = None  # directory written by `amt train` (pool.json); None = the bare backbone (PM)
     # with a pool: "ttm" (test-time merging + trimming, Algorithm 2) | "uniform" (weight average) |
-    # "logit_avg" (average of the members' logits) | "min_support_ce" (no TTM: one member per task) | "single"
-    rule: Literal["ttm", "uniform", "logit_avg", "min_support_ce", "single"] = "ttm"
+    # "logit_avg" (average of the members' logits) | "min_support_ce" (no TTM: one member per task) | "single" |
+    # "linear_classifier" (FLUTE-like: ζ from a classifier of which member an attacked image targets; Table 6)
+    rule: Literal["ttm", "uniform", "logit_avg", "min_support_ce", "single", "linear_classifier"] = "ttm"
     member_index: int = 0  # the member (0-based position in the pool) used by rule "single"
-    finetune: bool = False  # PMF-style test-time fine-tuning on the support set (AMT-FT, PMF+FT)
+    finetune: bool = False  # test-time fine-tuning on the support set (AMT-FT, PMF+FT, ATTNSCALE)
+    # what test-time fine-tuning trains: "full" (every backbone weight, PMF) | "attnscale" (ATTNSCALE: per-channel
+    # scales of every attention's q, k, v and output, and a residual offset per block; the weights stay as they are)
+    finetune_params: Literal["full", "attnscale"] = "full"
+    finetune_adversarial: bool = False  # Adv. TTF: also fit pseudo-queries attacked against the model being tuned
     # this row's changes to the experiment's `merge` section (e.g. {adv_weight_grid: [0], objective: clean}: the
     # paper's Algorithm 2 with clean-accuracy selection); {} = the merge section as it is
     merge: dict = field(default_factory=dict)
@@ -252,11 +263,20 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """PMF-style test-time fine-tuning: Adam on the backbone, augmented support images as pseudo-queries."""
+    """Test-time fine-tuning on the support set: Adam on the backbone (PMF) or on attention scales (ATTNSCALE),
+    augmented support images as pseudo-queries; optionally adversarial (Adv. TTF). Rows choose which with
+    ``MethodConfig.finetune_params`` and ``finetune_adversarial``."""
 
     steps: int = 20  # Adam steps per task
-    lr: float = 1e-4  # Adam learning rate
-    lr_grid: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3)  # chosen per domain on validation tasks
+    lr: float = 1e-4  # Adam learning rate ("full")
+    lr_grid: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3)  # chosen per domain on validation tasks ("full")
+    attnscale_lr: float = 1e-2  # Adam learning rate of the attention scales and offsets ("attnscale")
+    attnscale_lr_grid: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1)  # chosen per domain on validation tasks
+    attnscale_offset: bool = True  # ATTNSCALE: also learn eTT's domain-residual offset after each attention
+    # Adv. TTF: each step's pseudo-queries are also attacked (PGD on CE against the ProtoNet of the weights being
+    # tuned, random start) and the loss is CE(clean) + adv_weight · CE(attacked)
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(eps=4.5 / 255, step_size=2.25 / 255, steps=2))
+    adv_weight: float = 1.0  # weight of the attacked pseudo-queries' cross-entropy
 
 
 @dataclass(frozen=True)
