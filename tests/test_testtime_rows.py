@@ -190,3 +190,27 @@ def _embedded(row: MethodConfig):
 
     cfg = load_config("configs/embedded.yaml")
     return resolve(dataclasses.replace(cfg, benchmark="custom", domains=(DomainConfig("x", "."),), methods=(row,)))
+
+
+def test_the_documented_test_time_rows_parse_on_the_paper_preset():
+    """docs/paper.md's `M1` (Tables 1-2, with the ATTNSCALE rows), `MA1` (Table 3's Adv. TTF) and Table 6's
+    linear-classifier row build valid configurations of the Meta-Dataset preset."""
+    import re
+    from pathlib import Path
+
+    from amt.config import load_config, parse_override
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "paper.md").read_text()
+    rows = {}
+    for var in ("M1", "MA1"):
+        text = re.search(rf'^{var}="(methods=.*)"$', doc, re.M).group(1)
+        preset = root / "configs" / "paper" / "metadataset.yaml"
+        rows[var] = {m.name: m for m in load_config(preset, parse_override(text)).methods}
+        assert len(rows[var]) > len(load_config(preset).methods)
+    assert rows["M1"]["ATTNSCALE"].finetune_params == "attnscale" and rows["M1"]["ATTNSCALE"].pool is None
+    assert rows["M1"]["ATTNSCALE+AMT-FT"].rule == "ttm" and rows["M1"]["ATTNSCALE+AMT-FT"].finetune
+    assert all(m.finetune_adversarial for n, m in rows["MA1"].items() if n != "PM")
+    assert "{name: Linear classifier, pool: runs/paper/amt_1shot, rule: linear_classifier}" in doc
+    table_rows = [line for line in doc.splitlines() if line.startswith(("| **Table 3**", "| **Table 6**"))]
+    assert len(table_rows) == 2 and not any("not built" in line for line in table_rows)
