@@ -22,6 +22,7 @@ from amt.config import (
     ExperimentConfig,
     HeadConfig,
     LoRAConfig,
+    PEFTConfig,
     PerturbConfig,
     PoolConfig,
     TrainConfig,
@@ -41,6 +42,7 @@ from amt.lora import (
     mark_trainable,
     set_active_adapter,
 )
+from amt.peft_modules import PEFT_MODES, inject_peft
 from amt.rundir import check_fingerprint, load_weights, member_names
 from amt.train import (
     MemberSpec,
@@ -235,8 +237,10 @@ def test_apsv_changes_the_update_but_restores_the_weights_it_perturbs(data):
 def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, variant):
     base = ExperimentConfig(train=TINY, pool=POOL)
     cfg = from_dict(ExperimentConfig, merge_dicts(to_dict(base), variant_overrides(variant)))
-    names = member_names(len(cfg.pool.eps), cfg.train.apq) if cfg.train.mode == "lora" else []
-    model = _model(names, init=cfg.lora.init)
+    names = member_names(len(cfg.pool.eps), cfg.train.apq) if cfg.train.mode != "full" else []
+    model = _model(names if cfg.train.mode == "lora" else (), init=cfg.lora.init)
+    if cfg.train.mode in PEFT_MODES:
+        inject_peft(model.vit, cfg.train.mode, list(names), PEFTConfig(adapter_bottleneck=8), gen(1))
     before = snapshot(model)
     name = names[-1] if names else None
     summary, spec = _run(model, tmp_path, data, cfg=cfg.train, perturb=cfg.perturb, pool=cfg.pool,
@@ -249,7 +253,7 @@ def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, varian
         assert changed == {k for k in before if f".{name}." in k or k.endswith(f".{name}")}, (variant, changed)
     assert spec.out_dir.joinpath("weights.safetensors").is_file()
     kls = [json.loads(line)["kl"] for line in spec.out_dir.joinpath("metrics.jsonl").read_text().splitlines()]
-    assert (max(kls) > 0) == cfg.train.apq
+    assert (max(kls) > 0) == (cfg.train.apq or cfg.train.augment != "none")
 
 
 def test_standard_init_starts_at_the_backbone_and_svd_init_splits_it(data):

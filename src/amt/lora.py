@@ -15,6 +15,10 @@ Typical use::
     with merged(model, {"member0": 0.4, "member1": 0.6}):
         feats = model(images)                                          # W_res + Σ w ΔW
 
+The pool-management functions (activate, mark trainable, merge, state dicts) work on every pool layer of a
+model (:func:`pool_layers`): LoRA layers, and the FiLM/Adapter pools of :mod:`amt.peft_modules` (``train.mode``
+"film"/"adapter"), which follow the same protocol.
+
 A trained member is stored as :func:`adapter_state_dict` (its factors only); it is meaningful only on the
 same frozen residuals W_res, which :func:`residual_fingerprint` summarises and
 :func:`check_residual_fingerprint` verifies when a pool is loaded.
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 
 from amt.config import LORA_TARGETS
 from amt.lora_layer import INIT_MODES, LoRALinear
+from amt.peft_modules import MemberPool
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ __all__ = [
     "mark_trainable",
     "merge_adapters",
     "merged",
+    "pool_layers",
     "remove_adapter",
     "residual_fingerprint",
     "set_active_adapter",
@@ -141,15 +147,22 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
-    layers = lora_layers(model)
+def pool_layers(model: nn.Module) -> dict[str, LoRALinear | MemberPool]:
+    """Qualified name → pool layer (a :class:`LoRALinear` or a FiLM/Adapter :class:`MemberPool`), in
+    ``named_modules`` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, MemberPool))}
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear | MemberPool]:
+    layers = pool_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers; call inject_lora(model, ...) first")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers (nor FiLM/Adapter pools); call "
+                         "inject_lora(model, ...) first")
     return layers
 
 
-def _check_adapter(layers: Mapping[str, LoRALinear], name: str) -> None:
-    missing = [q for q, layer in layers.items() if name not in layer.lora_A]
+def _check_adapter(layers: Mapping[str, LoRALinear | MemberPool], name: str) -> None:
+    missing = [q for q, layer in layers.items() if name not in layer.adapter_names]
     if missing:
         known = next(iter(layers.values())).adapter_names
         raise KeyError(f"adapter {name!r} is missing from {len(missing)} LoRA layer(s) (e.g. {missing[:3]}); "
@@ -208,7 +221,7 @@ def merge_adapters(model: nn.Module, weights: Mapping[str, float | Tensor]) -> N
     already = [q for q, layer in layers.items() if layer.merged]
     if already:
         raise RuntimeError(f"LoRA layers {already[:3]} are already merged; call unmerge_adapters(model) first")
-    done: list[LoRALinear] = []
+    done: list[LoRALinear | MemberPool] = []
     try:
         for layer in layers.values():
             layer.merge(weights)
@@ -235,13 +248,13 @@ def merged(model: nn.Module, weights: Mapping[str, float | Tensor]) -> Iterator[
     try:
         yield model
     finally:
-        for layer in lora_layers(model).values():
+        for layer in pool_layers(model).values():
             if layer.merged:
                 layer.unmerge()
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Every ``lora_A[name]``, ``lora_B[name]`` of the model, layer by layer."""
+    """Every ``lora_A[name]``, ``lora_B[name]`` of the model (a FiLM/Adapter member's tensors), layer by layer."""
     layers = _layers_or_raise(model)
     _check_adapter(layers, name)
     return [p for layer in layers.values() for p in layer.adapter_parameters(name)]
@@ -266,14 +279,12 @@ def mark_trainable(model: nn.Module, names: str | Iterable[str]) -> list[nn.Para
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """Detached copies of one member's factors, keys ``"<layer>.lora_A"`` ``[splits·rank, in]`` and
-    ``"<layer>.lora_B"`` ``[out, rank]`` (no adapter name in the key: loadable into any member)."""
+    ``"<layer>.lora_B"`` ``[out, rank]`` (no adapter name in the key: loadable into any member); for a FiLM or
+    Adapter pool ``"<host>.peft.<tensor>"`` (``scale``/``shift``; ``down``, ``down_bias``, ``up``, ``up_bias``)."""
     layers = _layers_or_raise(model)
     _check_adapter(layers, name)
-    state: dict[str, Tensor] = {}
-    for q, layer in layers.items():
-        state[f"{q}.lora_A"] = layer.lora_A[name].detach().clone()
-        state[f"{q}.lora_B"] = layer.lora_B[name].detach().clone()
-    return state
+    return {f"{q}.{key}": t.detach().clone() for q, layer in layers.items()
+            for key, t in layer.adapter_tensors(name).items()}
 
 
 class LoadResult(NamedTuple):
@@ -294,10 +305,7 @@ def load_adapter_state_dict(
     """
     layers = _layers_or_raise(model)
     _check_adapter(layers, name)
-    targets = {}
-    for q, layer in layers.items():
-        targets[f"{q}.lora_A"] = layer.lora_A[name]
-        targets[f"{q}.lora_B"] = layer.lora_B[name]
+    targets = {f"{q}.{key}": t for q, layer in layers.items() for key, t in layer.adapter_tensors(name).items()}
     missing = [k for k in targets if k not in state]
     unexpected = [k for k in state if k not in targets]
     mismatched = [

@@ -192,6 +192,11 @@ class LoRALinear(nn.Module):
         self._check_name(name)
         return [self.lora_A[name], self.lora_B[name]]
 
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """``{"lora_A": lora_A[name], "lora_B": lora_B[name]}`` (what a member's state dict stores per layer)."""
+        self._check_name(name)
+        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+
     # ------------------------------------------------------------------ compute
     def delta_weight(self, name: str) -> Tensor:
         """ΔW = scaling · blockwise B A, ``[out, in]``; differentiable w.r.t. A and B."""

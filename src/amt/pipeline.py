@@ -332,6 +332,7 @@ def run_train(
     (:mod:`amt.rundir`). ``members``: 0-based indices to train (default: all, one after the other).
     """
     from amt.lora import inject_lora, residual_fingerprint
+    from amt.peft_modules import PEFT_MODES, inject_peft
     from amt.rundir import (
         MEMBER_RECORD_FILE,
         check_fingerprint,
@@ -358,6 +359,10 @@ def run_train(
         inject_lora(backbone.vit, cfg.lora.targets, names, cfg.lora.rank, cfg.lora.scaling, cfg.lora.init,
                     generator=torch.Generator().manual_seed(cfg.train.seed))
         header["residual_fingerprint"] = residual_fingerprint(backbone.vit)
+    elif cfg.train.mode in PEFT_MODES:  # FiLM / Adapter pools (Table 17): no frozen residual to fingerprint
+        names = list(member_names(len(cfg.pool.eps), cfg.train.apq))
+        inject_peft(backbone.vit, cfg.train.mode, names, cfg.peft,
+                    generator=torch.Generator().manual_seed(cfg.train.seed))
     else:
         names = [None]
     indices = list(range(len(names))) if members is None else members

@@ -342,7 +342,7 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
     check_fingerprint(manifest, fingerprint, run)
     cfg = manifest["config"]
     members = sorted(manifest["members"], key=lambda m: m["index"])
-    expected = member_names(len(cfg["pool"]["eps"]), cfg["train"]["apq"]) if manifest["mode"] == "lora" else [None]
+    expected = member_names(len(cfg["pool"]["eps"]), cfg["train"]["apq"]) if manifest["mode"] != "full" else [None]
     missing = [n or "member0" for n in expected if n not in {m["name"] for m in members}]
     unfinished = [m["name"] or m["dir"] for m in members if not m.get("finished")]
     if missing or unfinished:
@@ -354,8 +354,15 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
         scale = load_weights(model, None, run / members[0]["dir"] / WEIGHTS_FILE)
         log.info("loaded the meta-tuned backbone of %s", run)
         return LoadedPool((), (scale,))
-    lora = cfg["lora"]
     names = [m["name"] for m in members]
+    if manifest["mode"] in ("film", "adapter"):  # FiLM / Adapter pools (amt.peft_modules): identity-initialised
+        from amt.config import PEFTConfig, from_dict
+        from amt.peft_modules import inject_peft
+
+        inject_peft(vit, manifest["mode"], names, from_dict(PEFTConfig, cfg.get("peft", {})))
+        scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
+        return LoadedPool(tuple(names), scales)
+    lora = cfg["lora"]
     inject_lora(vit, tuple(lora["targets"]), names, lora["rank"], lora["scaling"], lora["init"])
     if "residual_fingerprint" not in manifest:
         log.warning("%s was written before pools recorded their W_res fingerprint: cannot check that the frozen "

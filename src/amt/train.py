@@ -11,8 +11,10 @@ Per episode (``training_step``), for the member being trained with attack ``a`` 
 5. restore the weights, then step SGD on the restored weights (SAM/AWP order).
 
 Switches are parameters of the same code path: ``TrainConfig.apq`` (off: clean meta-tuning),
-``TrainConfig.apsv`` (APSV), ``TrainConfig.mode`` ("lora" or "full" = PMF), the LoRA init
-(``LoRAConfig.init``), and the pool strategy (``PoolConfig.strategy``).
+``TrainConfig.apsv`` (APSV), ``TrainConfig.mode`` ("lora", "full" = PMF, or the "film"/"adapter" modules of
+:mod:`amt.peft_modules`), ``TrainConfig.augment`` (RandConv/ALT queries in the attacked queries' place,
+:mod:`amt.query_augment`; or StyleAdv's own loss, :mod:`amt.styleadv`), the LoRA init (``LoRAConfig.init``),
+and the pool strategy (``PoolConfig.strategy``).
 
 The model stays in eval mode throughout (the backbones here have no dropout, drop-path or batch
 statistics, so train and eval modes compute the same function; PMF does the same).
@@ -38,10 +40,11 @@ from amt import distributed
 from amt.attacks import adversarial_queries
 from amt.config import AttackConfig, ConfigError, HeadConfig, PerturbConfig, PoolConfig, TrainConfig, to_dict
 from amt.data.base import ImageDataset
-from amt.data.episodes import Episode, EpisodeIndices, FixedSampler, load_episode
+from amt.data.episodes import Episode, FixedSampler, load_episode
 from amt.head import cosine_logits, prototypes
 from amt.lora import adapter_parameters, mark_trainable, set_active_adapter
 from amt.perturb import adversarial_weights
+from amt.query_augment import QueryAugment, query_augment
 from amt.rundir import (
     METRICS_FILE,
     STATE_FILE,
@@ -54,6 +57,8 @@ from amt.rundir import (
     save_weights,
     truncate_metrics,
 )
+from amt.styleadv import styleadv_loss
+from amt.validation import validate, validation_tasks
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +131,7 @@ def meta_loss(clean_logits: torch.Tensor, adv_logits: torch.Tensor | None, label
 class StepResult:
     loss: float
     ce: float
-    kl: float
+    kl: float  # KL(p_clean ‖ p_adv); StyleAdv: the CE of the style-attacked episode
     acc: float  # clean query accuracy of this episode before the update, %
 
 
@@ -146,6 +151,7 @@ def _episode_loss(
 def training_step(
     model: nn.Module, episode: Episode, scale: torch.Tensor, apsv_params: list[nn.Parameter] | None,
     attack: AttackConfig | None, perturb: PerturbConfig, lambda_adv: float, generator: torch.Generator | None = None,
+    augment: QueryAugment | None = None,
 ) -> tuple[torch.Tensor, StepResult]:
     """Forward/backward of one episode; leaves the gradients in ``.grad`` (the caller steps the optimiser).
 
@@ -155,6 +161,7 @@ def training_step(
         apsv_params: tensors APSV perturbs (the member's LoRA factors), or None with APSV off.
         attack: this episode's query attack, or None for clean meta-tuning (APQ off). Only the queries are
             attacked; the support images are used as given.
+        augment: with APQ off, an augmentation (:mod:`amt.query_augment`) whose queries replace the attacked ones.
     Returns the loss at the (perturbed) weights and a summary.
     """
     n_s = len(episode.support_images)
@@ -163,12 +170,12 @@ def training_step(
     clean = cosine_logits(feats[n_s:], protos, scale)
     acc = 100.0 * float((clean.argmax(-1) == episode.query_labels).float().mean())
     adv_queries, adv = None, None
-    if attack is not None:
+    if attack is not None or augment is not None:
         fixed_protos, fixed_scale = protos.detach(), scale.detach()
-        adv_queries = adversarial_queries(
-            attack, lambda x: cosine_logits(model(x), fixed_protos, fixed_scale), episode.query_images,
-            clean_logits=clean.detach(), generator=generator, model=model,
-        )
+        logits_fn = lambda x: cosine_logits(model(x), fixed_protos, fixed_scale)  # noqa: E731
+        adv_queries = (augment(logits_fn, episode.query_images, clean.detach(), generator) if attack is None else
+                       adversarial_queries(attack, logits_fn, episode.query_images, clean_logits=clean.detach(),
+                                           generator=generator, model=model))
         adv = cosine_logits(model(adv_queries), protos, scale)
     loss, ce, kl = meta_loss(clean, adv, episode.query_labels, lambda_adv)  # at w, on the graph already built
     if apsv_params is not None:
@@ -187,32 +194,6 @@ def _check_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(f"loss is {loss.item()}; the last good checkpoint is kept. Lower train.lr or "
                             "perturb.eta, or check the data")
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-
-
-def validation_tasks(dataset: ImageDataset, cfg: TrainConfig, seed: int) -> list[EpisodeIndices]:
-    """Fixed, seeded validation episodes (same for every validation and every member)."""
-    sampler = FixedSampler(dataset.indices_by_class(), cfg.n_way, cfg.n_shot, cfg.n_query,
-                           torch.Generator().manual_seed(seed), dataset.name + " (validation)")
-    return [sampler.sample() for _ in range(cfg.val_tasks)]
-
-
-@torch.no_grad()
-def validate(model: nn.Module, dataset: ImageDataset, tasks: list[EpisodeIndices]) -> float:
-    """Mean clean query accuracy (%) of the ProtoNet on ``tasks`` with the current weights."""
-    accs = []
-    device = next(model.parameters()).device
-    for idx in tasks:
-        e = load_episode(dataset, idx).to(device)
-        n_s = len(e.support_images)
-        feats = model(torch.cat([e.support_images, e.query_images]))
-        logits = cosine_logits(feats[n_s:], prototypes(feats[:n_s], e.support_labels, e.n_way), 1.0)  # argmax only
-        accs.append(float((logits.argmax(-1) == e.query_labels).float().mean()))
-    return 100.0 * sum(accs) / max(1, len(accs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +291,7 @@ class _MemberRun:
                                     self.episode_gen, train_set.name + " (train)")
         self.val_tasks = validation_tasks(val_set, cfg, cfg.seed + 7919)
         self.setup = _setup(settings, spec)
+        self.augment = query_augment(cfg)
         self.episode, self.best, self.final, self.kept = 0, {"val_acc": -1.0, "episode": -1}, None, None
         self.recorded = 0  # the last episode whose metrics line is written
         self.earlier_seconds = 0.0  # training seconds of the processes this run resumed from
@@ -350,9 +332,15 @@ class _MemberRun:
             torch.manual_seed(episode_seed)  # the training transforms draw from the global generator
             batch = load_episode(self.train_set, indices[j]).to(self.device)
             gen = torch.Generator().manual_seed(episode_seed + 1)  # attack noise (and ε under "random")
+            if cfg.augment == "styleadv":  # its own loss (amt.styleadv); the style CE goes in the KL column
+                loss, ce, style_ce, acc = styleadv_loss(self.model, batch, self.scale, cfg.styleadv, gen)
+                _check_finite(loss)
+                loss.backward()
+                results.append(StepResult(float(loss.detach()), ce, style_ce, acc))
+                continue
             attack = member_attack(self.settings.pool, self.spec.index, gen) if cfg.apq else None
             results.append(training_step(self.model, batch, self.scale, self.apsv_params, attack,
-                                         self.settings.perturb, cfg.lambda_adv, gen)[1])
+                                         self.settings.perturb, cfg.lambda_adv, gen, self.augment)[1])
         _average_gradients(self.params + [self.scale], cfg.episodes_per_step, self.world)
         self.opt.step()
         self.episode = episode + 1
@@ -434,16 +422,20 @@ def _check_settings(cfg: TrainConfig, world: int) -> None:
     if cfg.episodes_per_step < 1 or cfg.episodes_per_step % world:
         raise ConfigError(f"train.episodes_per_step={cfg.episodes_per_step} must be a positive multiple of the "
                           f"number of processes ({world})")
-    if cfg.mode == "full" and cfg.apsv:
-        raise ConfigError("APSV perturbs LoRA factors: set train.apsv=false with train.mode='full' (PMF)")
+    if cfg.mode != "lora" and cfg.apsv:
+        raise ConfigError(f"APSV perturbs LoRA factors: set train.apsv=false with train.mode={cfg.mode!r}")
+    if cfg.augment != "none" and cfg.apq:
+        raise ConfigError(f"train.augment={cfg.augment!r} replaces the query attack: set train.apq=false")
+    if cfg.augment == "styleadv" and cfg.apsv:
+        raise ConfigError("train.augment='styleadv' has its own loss, without APSV: set train.apsv=false")
 
 
 def _trainable(model: nn.Module, spec: MemberSpec,
                cfg: TrainConfig) -> tuple[list[nn.Parameter], list[nn.Parameter] | None]:
     """(all trained params, the params APSV perturbs or None) for ``spec``; sets requires_grad accordingly."""
-    if cfg.mode == "lora":
+    if cfg.mode != "full":  # a LoRA, FiLM or Adapter member (amt.lora handles every adapter pool layer)
         if spec.name is None:
-            raise ConfigError("train.mode='lora' needs a LoRA member name")
+            raise ConfigError(f"train.mode={cfg.mode!r} needs a member name")
         params = mark_trainable(model, [spec.name])
         set_active_adapter(model, spec.name)
         return params, adapter_parameters(model, spec.name) if cfg.apsv else None

@@ -322,10 +322,61 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class StyleAdvConfig:
+    """StyleAdv (Fu et al., CVPR 2023), ``train.augment: styleadv`` (``amt.styleadv``): one signed-gradient (FGSM)
+    step on the style — per image and channel, the mean μ and standard deviation σ over the tokens (over the
+    pixels for the RGB image) — driven by the few-shot task loss of the whole episode; the loss adds the task
+    CE of the style-attacked episode. Shifts are relative: μ' = μ ± ε·σ, σ' = σ·(1 ± ε)."""
+
+    blocks: tuple[int, ...] = (0, 1)  # 0-based ViT blocks whose output token styles are attacked (the early ones)
+    image: bool = True  # also attack the RGB style of the images (then clipped to [0, 1])
+    eps: tuple[float, ...] = (0.008, 0.08, 0.8)  # relative radii, one drawn per episode (used for μ and σ)
+    weight: float = 1.0  # weight of the style-attacked episode's CE in the loss (clean CE has weight 1)
+
+
+@dataclass(frozen=True)
+class RandConvConfig:
+    """RandConv (Xu et al., ICLR 2021), ``train.augment: randconv`` (``amt.query_augment``): the queries filtered
+    by one random convolution per episode, taking the adversarial queries' place in the AMT loss."""
+
+    kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)  # odd kernel sizes, one drawn per episode
+    mix: bool = True  # blend with the input, x' = a·x + (1 − a)·conv(x), a ~ U(0, 1) per episode
+
+
+@dataclass(frozen=True)
+class ALTConfig:
+    """ALT (Gokhale et al., WACV 2023), ``train.augment: alt`` (``amt.query_augment``): per episode a freshly
+    initialised 5-layer 3×3 convolutional network (LeakyReLU) is trained by gradient ascent on the task loss of
+    the queries it transforms, minus a consistency penalty; its output takes the adversarial queries' place."""
+
+    steps: tuple[int, ...] = (10,)  # adversarial steps, drawn per episode ("ALT-pool": (1, 3, 5, 10))
+    lr: float = 5e-5  # Adam learning rate of the ascent (the paper's ALT setting)
+    width: int = 16  # channels of the hidden layers
+    consistency: float = 1.0  # weight of the penalty mean((x' − x)²) subtracted from the ascended loss
+    init_std: float = 0.2  # std of the random init of the weights (around an identity-like residual path)
+
+
+@dataclass(frozen=True)
+class PEFTConfig:
+    """The FiLM and Adapter modules of ``train.mode: film | adapter`` (``amt.peft_modules``; paper Table 17)."""
+
+    adapter_bottleneck: int = 64  # hidden width of the bottleneck adapters (AdaptFormer; the paper: 64)
+    adapter_scale: float = 0.1  # s: the adapter's output is added as s·up(ReLU(down(x))) (AdaptFormer's 0.1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Meta-tuning of one pool member (or of the clean baselines): schedule, loss and switches."""
 
-    mode: Literal["lora", "full"] = "lora"  # "lora": one LoRA member (AMT, clean LoRA) | "full": the backbone (PMF)
+    # "lora": one LoRA member (AMT, clean LoRA) | "full": the backbone (PMF) | "film": per-channel scale and shift
+    # after every LayerNorm | "adapter": bottleneck adapters parallel to every MLP (`peft`; Table 17)
+    mode: Literal["lora", "full", "film", "adapter"] = "lora"
+    # episode augmentation (needs apq off; it replaces the query attack): "randconv" | "alt" (the augmented queries
+    # take the adversarial queries' place in the loss; Table 16) | "styleadv" (own step, `styleadv`; Tables 1, 2)
+    augment: Literal["none", "styleadv", "randconv", "alt"] = "none"
+    styleadv: StyleAdvConfig = field(default_factory=StyleAdvConfig)
+    randconv: RandConvConfig = field(default_factory=RandConvConfig)
+    alt: ALTConfig = field(default_factory=ALTConfig)
     apq: bool = True  # APQ: adversarial query perturbation on/off (off: clean meta-tuning, one member)
     apsv: bool = True  # APSV: adversarial perturbation of the LoRA factors on/off (`perturb`; LoRA mode only)
     epochs: int = 30  # epochs of `episodes_per_epoch` episodes
@@ -385,6 +436,7 @@ class ExperimentConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    peft: PEFTConfig = field(default_factory=PEFTConfig)  # FiLM / Adapter modules (train.mode film | adapter)
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -415,4 +467,16 @@ VARIANTS: dict[str, dict] = {
     "clean_lora": {"train": {"apq": False, "apsv": False}},  # one clean LoRA, SVD init
     "clean_lora_standard": {"train": {"apq": False, "apsv": False}, "lora": {"init": "standard"}},
     "pmf": {"train": {"mode": "full", "apq": False, "apsv": False}},  # full backbone, clean
+    # StyleAdv (Fu et al.): the full backbone, style-attacked episodes, no query or weight attack
+    "styleadv": {"train": {"mode": "full", "augment": "styleadv", "apq": False, "apsv": False}},
+    # Table 16: one LoRA, an augmentation in the adversarial queries' place (APSV off)
+    "randconv": {"train": {"augment": "randconv", "apq": False, "apsv": False}},
+    "alt": {"train": {"augment": "alt", "apq": False, "apsv": False}},
+    "alt_pool": {"train": {"augment": "alt", "apq": False, "apsv": False, "alt": {"steps": [1, 3, 5, 10]}}},
+    # Table 17: FiLM / Adapter modules instead of LoRA under APQ (APSV perturbs LoRA factors only): a pool of
+    # len(pool.eps) members, one ε each, and a single module with ε drawn from the pool every episode
+    "film_pool": {"train": {"mode": "film", "apsv": False}},
+    "adapter_pool": {"train": {"mode": "adapter", "apsv": False}},
+    "film": {"train": {"mode": "film", "apsv": False}, "pool": {"strategy": "random"}},
+    "adapter": {"train": {"mode": "adapter", "apsv": False}, "pool": {"strategy": "random"}},
 }
