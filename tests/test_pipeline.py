@@ -85,8 +85,11 @@ def test_demo_end_to_end_writes_results_config_and_table(tmp_path, capsys):
     (out / "report" / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report" / "report.md").is_file()  # from results.json alone
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert len(results["spectra"]["AMT"]) == 2 and all(
-        a >= b for sv in results["spectra"]["AMT"].values() for a, b in zip(sv, sv[1:]))
+    layers = results["spectra"]["AMT"]["layers"]  # fc1, fc2 and proj of every block, top-k descending
+    assert {(v["block"], v["kind"]) for v in layers.values()} == {
+        (b, k) for b in range(len(layers) // 3) for k in ("mlp.fc1", "mlp.fc2", "attn.proj")}
+    assert all(a >= b for v in layers.values() for sv in (v["tuned"], v["pretrained"]) for a, b in zip(sv, sv[1:]))
+    assert all(v["tuned"] == v["pretrained"] for v in results["spectra"]["PM"]["layers"].values())
     # a failed run into the same directory leaves the earlier results untouched
     before = (out / "results.json").read_bytes()
     rc = main(["evaluate", "--out", str(out), "--set", "benchmark=custom",

@@ -50,9 +50,12 @@ def synthetic(with_optional=True):
             "validation": [{"params": {**chosen, "beta": 6.0 + s, "rho": 1.0}, "acc": 80.0},
                            {"params": {**chosen, "beta": 6.0 + s}, "acc": 81.5 + s}],
             "coefficients": [[rng.random() for _ in range(4)] for _ in range(T)]} for s in SHOTS} for d in DOMAINS}}
-        results["spectra"] = {label: {layer: sorted((rng.uniform(0.01, 10) for _ in range(16)), reverse=True)
-                                      for layer in ("blocks.3.attn.qkv", "blocks.3.mlp.fc1")}
-                              for label in ("AMT (APQ+APSV)", "APQ only")}
+        results["spectra"] = {label: {"weights": "uniform merge of 4 pool members", "top": 4, "layers": {
+            f"vit.blocks.{b}.{kind}": {"block": b, "kind": kind,
+                                       "pretrained": sorted((rng.uniform(0.01, 10) for _ in range(4)), reverse=True),
+                                       "tuned": sorted((rng.uniform(0.01, 10) for _ in range(4)), reverse=True)}
+            for b in range(3) for kind in ("mlp.fc1", "mlp.fc2", "attn.proj")}}
+            for label in ("AMT (APQ+APSV)", "APQ only")}
     return results
 
 

@@ -45,7 +45,7 @@ class Condition:
     severity: int = 0
     methods: tuple[str, ...] = ()  # methods measured; () = every method
     queries: int = 0  # the Square check: queries of the black-box attack
-    shots: tuple[int, ...] = ()  # shot settings it is measured in; () = every shot
+    shots: tuple[int, ...] = ()  # shot settings it is measured in; () = every shot cell, "vwvs" included
 
     def key(self) -> tuple:
         """Identity of the condition inside one evaluation (JSON-safe parts)."""
@@ -56,7 +56,8 @@ class Condition:
     def applies_to(self, method: str, t: int) -> bool:
         return t < self.n_tasks and (not self.methods or method in self.methods)
 
-    def in_shot(self, n_shot: int) -> bool:
+    def in_shot(self, n_shot: int | str) -> bool:
+        """Whether it is measured in shot cell ``n_shot`` (the variable-way cell "vwvs" only when ``shots`` is ())."""
         return not self.shots or n_shot in self.shots
 
     def describe(self) -> dict:
@@ -105,8 +106,10 @@ def conditions(cfg: EvalConfig, attack: AttackConfig | None, autoattack: AutoAtt
             l2 = dataclasses.replace(attack, norm="l2", eps=eps, step_size=cfg.l2_step_ratio * eps)
             out.append(Condition("adversarial", n_sweep, "l2", l2))
         if autoattack is not None and autoattack.version != "none" and attack.norm == "linf":
-            if cfg.n_way < 4:
-                raise ValueError(f"AutoAttack's targeted attacks need n_way >= 4 (eval.n_way={cfg.n_way}); set "
+            fewest, key = ((cfg.variable.min_ways, "eval.variable.min_ways") if cfg.episodes == "variable"
+                           else (cfg.n_way, "eval.n_way"))
+            if fewest < 4:
+                raise ValueError(f"AutoAttack's targeted attacks need n_way >= 4 ({key}={fewest}); set "
                                  "autoattack.version=none")
             named = tuple(m for m in autoattack.methods if not method_names or m in method_names)
             if autoattack.methods and len(named) < len(autoattack.methods):

@@ -1,4 +1,5 @@
-"""PNG figures of a results file: accuracy against ε, per corruption, singular-value spectra, merge coefficients.
+"""PNG figures of a results file: accuracy against ε, per corruption, per-layer change of the top singular values
+from the pre-trained weights (paper Figs. 2–3), merge coefficients.
 
 matplotlib is imported only inside the figure functions (the Agg canvas, no pyplot state). Accuracies in %.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from amt.results import condition_of, domains_of, mean_std, select, tuned
+from amt.results import cell_label, condition_of, domains_of, mean_std, select, shots_of, spectral_change, tuned
 from amt.rundir import atomic_write
 
 FIGURES = ("accuracy_vs_eps.png", "corruptions.png", "spectra.png", "merge_coefficients.png")
@@ -49,7 +50,7 @@ def _eps_figure(results: dict):
     if not adv:
         return None
     clean, domains = select(results, "clean"), domains_of(results["results"])
-    norms, shots = dict.fromkeys(r["attack"]["norm"] for r in adv), sorted({r["n_shot"] for r in adv})
+    norms, shots = dict.fromkeys(r["attack"]["norm"] for r in adv), shots_of(adv)
     panels = [(n, s) for n in norms for s in shots]
     kinds = [k for k in (True, False) if k in {domains[r["domain"]] for r in adv}]
     fig, axes = _figure(len(panels), len(kinds))
@@ -63,7 +64,7 @@ def _eps_figure(results: dict):
                         points.setdefault(round(r["attack"]["eps"] * scale, 6), []).append(r)
                 xs = sorted(x for x, rs in points.items() if rs)
                 ax.plot(xs, [_domain_avg(points[x], kind, domains) for x in xs], marker="o", label=method)
-            ax.set(title=f"{norm} PGD, {results['protocol']['n_way']}w{shot}s, {'ID' if kind else 'OOD'} avg",
+            ax.set(title=f"{norm} PGD, {cell_label(results['protocol']['n_way'], shot)}, {'ID' if kind else 'OOD'} avg",
                    xlabel="ε (×1/255, pixels in [0, 1])" if norm == "linf" else "ε (ℓ2, pixels in [0, 1])",
                    ylabel="accuracy (%)")
     _legend(fig, "Accuracy under PGD against ε (ε = 0: clean), mean over domains")
@@ -71,53 +72,62 @@ def _eps_figure(results: dict):
 
 
 def _corruption_figure(results: dict):
-    """Per (ID/OOD, shot): accuracy (%) per corruption (bars, mean over severities) and against severity."""
+    """Per (ID/OOD, shot): accuracy (%) per corruption (bars, mean over severities) and, when several severities
+    were evaluated, against severity (mean over corruptions)."""
     rows = [r for r in results["results"] if condition_of(r) == "corruption"]
     if not rows:
         return None
     domains = domains_of(results["results"])
     panels = [(k, s) for k in (False, True) if k in {domains[r["domain"]] for r in rows}
-              for s in sorted({r["n_shot"] for r in rows})]
+              for s in shots_of(rows)]
     names = list(dict.fromkeys(r["corruption"]["name"] for r in rows))
     severities = sorted({r["corruption"]["severity"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / len(methods)
-    fig, axes = _figure(len(panels), 2, width=max(5.0, 0.45 * len(names) * len(methods) ** 0.5))
-    for (kind, shot), (bars, lines) in zip(panels, axes):
-        label = f"{results['protocol']['n_way']}w{shot}s, {'ID' if kind else 'OOD'}"
+    against = len(severities) > 1  # one severity: a single point per line says nothing against severity
+    fig, axes = _figure(len(panels), 1 + against, width=max(5.0, 0.45 * len(names) * len(methods) ** 0.5))
+    for (kind, shot), (bars, *lines) in zip(panels, axes):
+        label = f"{cell_label(results['protocol']['n_way'], shot)}, {'ID' if kind else 'OOD'}"
         for k, method in enumerate(methods):
             mine = [r for r in rows if r["method"] == method and r["n_shot"] == shot]
             bars.bar([i - 0.4 + (k + 0.5) * width for i in range(len(names))],
                      [_domain_avg([r for r in mine if r["corruption"]["name"] == n], kind, domains) for n in names],
                      width, label=method)
-            lines.plot(severities, [_domain_avg([r for r in mine if r["corruption"]["severity"] == s], kind, domains)
-                                    for s in severities], marker="o", label=method)
+            for ax in lines:
+                ax.plot(severities, [_domain_avg([r for r in mine if r["corruption"]["severity"] == s], kind, domains)
+                                     for s in severities], marker="o", label=method)
         bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
         bars.set(title=f"{label}: per corruption", ylabel="accuracy (%), mean over severities")
-        lines.set(title=f"{label}: against severity", xlabel="severity", ylabel="accuracy (%), mean over corruptions")
-        lines.set_xticks(severities)
-    _legend(fig, "Accuracy on corrupted queries, mean over domains")
+        for ax in lines:
+            ax.set(title=f"{label}: against severity", xlabel="severity", ylabel="accuracy (%), mean over corruptions")
+            ax.set_xticks(severities)
+    at = "" if against else f" (severity {severities[0]})"
+    _legend(fig, f"Accuracy on corrupted queries{at}, mean over domains")
     return fig
 
 
 def _spectra_figure(results: dict):
-    """Singular values (log scale) against their index, one panel per layer, one line per label (paper Fig. 2/3)."""
-    spectra = results.get("spectra") or {}
-    layers = list(dict.fromkeys(layer for per in spectra.values() for layer in per))
-    if not layers:
+    """Per layer kind (mlp.fc1, mlp.fc2, attn.proj): the mean change of the top-k singular values from the
+    pre-trained weights, (1/k) Σ_j (σ_j(W) − σ_j(W₀)), against the block index, one line per method (paper
+    Figs. 2–3; a pool at its uniform merge, :mod:`amt.spectra`). Results without per-layer spectra draw nothing."""
+    spectra = {m: per for m, per in (results.get("spectra") or {}).items()
+               if isinstance(per, dict) and per.get("layers")}
+    kinds = sorted({layer["kind"] for per in spectra.values() for layer in per["layers"].values()},
+                   key=lambda k: (not k.startswith("mlp."), k))  # the FFN (Fig. 2), then attention (Fig. 3)
+    if not kinds:
         return None
-    n_cols = min(3, len(layers))
-    fig, axes = _figure(math.ceil(len(layers) / n_cols), n_cols)
-    flat = [ax for row in axes for ax in row]
-    for layer, ax in zip(layers, flat):
-        for label, per in spectra.items():
-            if layer in per:
-                ax.plot(range(1, len(per[layer]) + 1), per[layer], label=label)
-        ax.set_yscale("log")
-        ax.set(title=layer, xlabel="singular value index (descending)", ylabel="singular value")
-    for ax in flat[len(layers):]:
-        ax.set_visible(False)
-    _legend(fig, "Singular values of weight matrices")
+    fig, axes = _figure(1, len(kinds))
+    for kind, ax in zip(kinds, axes[0]):
+        for method, per in spectra.items():
+            points = sorted((layer["block"], spectral_change(layer)) for layer in per["layers"].values()
+                            if layer["kind"] == kind)
+            ax.plot([b + 1 for b, _ in points], [c for _, c in points], marker="o", label=method)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(title=kind, xlabel="block (1 = first)", ylabel="mean Δσ of the top singular values")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    tops = sorted({per["top"] for per in spectra.values()})
+    _legend(fig, f"Change of the top {'/'.join(map(str, tops))} singular values from the pre-trained weights, "
+                 "(1/k) Σ_j σ_j(W) − σ_j(W₀) (pools: uniform merge)")
     return fig
 
 
@@ -140,7 +150,7 @@ def _merge_figure(results: dict):
         for k, shot in enumerate(shots):
             means, stds = zip(*(mean_std(col) for col in zip(*per_shot[shot]["coefficients"])))
             ax.bar([i - 0.4 + (k + 0.5) * width for i in range(len(means))], means, width, yerr=stds, capsize=3,
-                   label=f"{results['protocol']['n_way']}w{shot}s")
+                   label=cell_label(results["protocol"]["n_way"], shot))
         ax.set_xticks(range(len(members)), members, rotation=30, ha="right", fontsize="small")
         ax.set(title=f"{method}: {domain}", xlabel="pool member", ylabel="merge coefficient")
     for ax in flat[len(panels):]:

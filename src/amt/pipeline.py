@@ -159,27 +159,24 @@ def build_methods(cfg: ExperimentConfig) -> tuple[dict[str, Method], str]:
     return methods, backbone_fp
 
 
-def pool_spectra(methods: dict[str, Method]) -> dict:
-    """Per pool method: singular values of its uniformly merged weights in the last block's qkv and fc1."""
-    from amt.lora import lora_layers
-    from amt.merge import merged_spectra
+def pool_spectra(methods: dict[str, Method], reference: torch.nn.Module, top: int) -> dict:
+    """Per evaluated method: the top ``top`` singular values of every block's mlp.fc1, mlp.fc2 and attn.proj weight
+    (a pool: its uniform merge) next to those of the pre-trained ``reference`` backbone (:mod:`amt.spectra`;
+    paper Figs. 2–3). A method without a model is left out."""
+    from amt.spectra import method_spectra
 
-    out = {}
-    for name, method in methods.items():
-        if not method.pool_names:
-            continue
-        last = [n for n in lora_layers(method.model) if n.endswith(("attn.qkv", "mlp.fc1"))][-2:]
-        out[name] = merged_spectra(method.model, {n: 1.0 / len(method.pool_names) for n in method.pool_names}, last)
-    return out
+    return {name: method_spectra(method.model, method.pool_names, reference, top)
+            for name, method in methods.items() if getattr(method, "model", None) is not None}
 
 
 def validation_sets(domains: list[DomainConfig], cfg: ExperimentConfig) -> dict[str, ImageDataset]:
     """Per domain name: the dataset of its validation classes, for the domains that have at least n_way of them
     (the others hold out images of their test classes: :func:`amt.evaluate.evaluate`)."""
     transform = build_transform(cfg.backbone.image_size, cfg.data, cfg.augment, train=False)
+    fewest = cfg.eval.variable.min_ways if cfg.eval.episodes == "variable" else cfg.eval.n_way
     out = {}
     for d in domains:
-        val = validation_set(d, cfg.data, transform, cfg.eval.n_way)
+        val = validation_set(d, cfg.data, transform, fewest)
         if val is not None:
             out[d.name] = val
     return out
@@ -224,7 +221,7 @@ def _evaluate_run(cfg: ExperimentConfig, out_dir: Path) -> dict:
         results["backbone"] = {"arch": cfg.backbone.arch, "checkpoint": cfg.backbone.checkpoint,
                                "fingerprint": backbone_fp}
         results["methods"] = [to_dict(m) for m in cfg.methods]
-        results["spectra"] = pool_spectra(methods)
+        results["spectra"] = pool_spectra(methods, build_backbone(cfg.backbone).eval(), cfg.eval.spectra_top)
         if is_main():
             write_results(results, out_dir)
             save_config(cfg, out_dir / CONFIG_FILE)
@@ -355,12 +352,12 @@ def run_train(
         check_fingerprint(read_manifest(out), fp, out)
     header = {"backbone_fingerprint": fp, "mode": cfg.train.mode, "config": to_dict(cfg)}
     if cfg.train.mode == "lora":
-        names: list[str | None] = list(member_names(len(cfg.pool.eps), cfg.train.apq))
+        names: list[str | None] = list(member_names(len(cfg.pool.eps), cfg.train.apq, cfg.pool.size))
         inject_lora(backbone.vit, cfg.lora.targets, names, cfg.lora.rank, cfg.lora.scaling, cfg.lora.init,
                     generator=torch.Generator().manual_seed(cfg.train.seed))
         header["residual_fingerprint"] = residual_fingerprint(backbone.vit)
     elif cfg.train.mode in PEFT_MODES:  # FiLM / Adapter pools (Table 17): no frozen residual to fingerprint
-        names = list(member_names(len(cfg.pool.eps), cfg.train.apq))
+        names = list(member_names(len(cfg.pool.eps), cfg.train.apq, cfg.pool.size))
         inject_peft(backbone.vit, cfg.train.mode, names, cfg.peft,
                     generator=torch.Generator().manual_seed(cfg.train.seed))
     else:

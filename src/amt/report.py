@@ -16,7 +16,19 @@ import tempfile
 from pathlib import Path
 
 from amt.figures import FIGURES, figures
-from amt.results import CONDITIONS, MISSING, condition_of, domains_of, load_results, select, tuned
+from amt.results import (
+    CONDITIONS,
+    MISSING,
+    VWVS,
+    cell_label,
+    condition_of,
+    domains_of,
+    load_results,
+    select,
+    shot_order,
+    shots_of,
+    tuned,
+)
 from amt.stats import Estimate, combine, mean_ci95, paired_difference
 
 SHORT = {"clean": "Clean", "adversarial": "PGD", "autoattack": "AA", "corruption": "Corr"}
@@ -30,12 +42,12 @@ def markdown_table(results: dict) -> str:
     rows = [r for r in results["results"] if condition_of(r) == "clean"]
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     in_domain = {r["domain"]: r["in_domain"] for r in rows}
-    keys = list(dict.fromkeys((r["method"], r["n_shot"]) for r in rows))
+    keys = sorted(dict.fromkeys((r["method"], r["n_shot"]) for r in rows), key=lambda k: shot_order(k[1]))
     cell = {(r["method"], r["n_shot"], r["domain"]): r for r in rows}
     header = ["method", "shot", *[f"{d}{' (ID)' if in_domain[d] else ''}" for d in domains], "ID avg", "OOD avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, shot in keys:
-        vals, row = {}, [method, f"{results['protocol']['n_way']}w{shot}s"]
+        vals, row = {}, [method, cell_label(results["protocol"]["n_way"], shot)]
         for d in domains:
             r = cell.get((method, shot, d))
             row.append(f"{r['mean']:.2f} ± {r['ci95']:.2f}" if r else "—")
@@ -46,7 +58,8 @@ def markdown_table(results: dict) -> str:
             row.append(f"{sum(sel) / len(sel):.2f}" if sel else "—")
         lines.append("| " + " | ".join(row) + " |")
     full = results["protocol"]["n_query"]
-    notes = sorted({(r["domain"], r["n_shot"], r["n_query"]) for r in rows if r["n_query"] < full})
+    notes = sorted({(r["domain"], r["n_shot"], r["n_query"]) for r in rows
+                    if isinstance(r.get("n_query"), int) and r["n_query"] < full})
     for d, s, q in notes:
         lines.append(f"\n{d} {s}-shot: {q} queries per class (classes too small for {results['protocol']['n_query']}).")
     lines.append(f"\n{rows[0]['n_tasks'] if rows else 0} tasks per cell; ± is the 95% confidence interval.")
@@ -199,6 +212,34 @@ def _corruption_label(rows: list[dict]) -> str:
     return f"mean over {len(names)} corruptions × severities {severities}; CI over per-task means"
 
 
+def _span(values: list[int]) -> str:
+    """``min–max (mean m)`` of some counts."""
+    return f"{min(values)}–{max(values)} (mean {sum(values) / len(values):.1f})" if values else MISSING
+
+
+def _task_shapes(rows: list[dict]) -> dict[str, dict[str, list[int]]]:
+    """Domain → the per-task shapes (``task_n_way``, ``task_n_support``, ``task_n_query``) of its variable-way tasks,
+    from the row with the most tasks (every method sees the same tasks)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        if "task_n_way" in r and len(r["task_n_way"]) > len(out.get(r["domain"], {}).get("task_n_way", [])):
+            out[r["domain"]] = {k: list(r[k]) for k in ("task_n_way", "task_n_support", "task_n_query")}
+    return out
+
+
+def shape_table(results: dict, fmt: str = "md") -> str:
+    """Per domain, the shapes of its variable-way variable-shot tasks (the "vwvs" cell): ways, support images,
+    mean shots per class and queries per class, each as min–max (mean) over the tasks."""
+    header = ["domain", "tasks", "ways", "support images", "shots per class (task mean)", "queries per class"]
+    table = []
+    for domain, sh in _task_shapes(select(results, "clean", VWVS)).items():
+        shots = [s / w for s, w in zip(sh["task_n_support"], sh["task_n_way"])]
+        table.append([domain, len(sh["task_n_way"]), _span(sh["task_n_way"]), _span(sh["task_n_support"]),
+                      f"{min(shots):.1f}–{max(shots):.1f} (mean {sum(shots) / len(shots):.1f})",
+                      _span(sh["task_n_query"])])
+    return _render(header, table, fmt)
+
+
 def _notes(rows: list[dict], cond: str) -> list[str]:
     tasks = sorted({r.get("n_tasks", len(r.get("accuracies", []))) for r in rows})
     notes = [f"{'/'.join(map(str, tasks))} tasks per cell; ± is the 95% confidence interval; accuracy in %. "
@@ -210,6 +251,11 @@ def _notes(rows: list[dict], cond: str) -> list[str]:
         notes.insert(0, "Attack: " + _attack_label(rows[0]["attack"]) + ".")
     if cond == "corruption" and rows:
         notes.insert(0, "Corruptions: " + _corruption_label(rows) + ".")
+    if shapes := _task_shapes(rows):
+        ways = [w for sh in shapes.values() for w in sh["task_n_way"]]
+        support = [s for sh in shapes.values() for s in sh["task_n_support"]]
+        notes.insert(0, f"Variable-way variable-shot tasks: {_span(ways)} ways, {_span(support)} support images "
+                     "per task (per domain: the task shapes table).")
     return notes
 
 
@@ -237,18 +283,18 @@ def main_table(results: dict, fmt: str = "md") -> str:
     """Summary: one row per (method, shot) like "5w1s", columns Clean / PGD / Corr × ID / OOD: averages (%) over
     the domains of each kind of the per-condition cells; "—" where absent."""
     n_way = results["protocol"]["n_way"]
-    keys = sorted(dict.fromkeys((r["method"], r["n_shot"]) for r in results["results"]), key=lambda k: k[1])
-    shots = sorted({s for _, s in keys})
+    keys = sorted(dict.fromkeys((r["method"], r["n_shot"]) for r in results["results"]), key=lambda k: shot_order(k[1]))
+    shots = shots_of(results["results"])
     conds = [c for c in CONDITIONS if c in ("clean", "adversarial", "corruption") or select(results, c)]
     cells = {(c, s): _cells(results, c, s) for c in conds for s in shots}
     domains = domains_of(results["results"])
     header = ["method", "shot", *[f"{SHORT[c]} {kind}" for c in conds for kind in ("ID", "OOD")]]
-    table = [[m, f"{n_way}w{s}s", *[v for c in conds for v in _averages(cells[(c, s)], m, domains)[:2]]]
+    table = [[m, cell_label(n_way, s), *[v for c in conds for v in _averages(cells[(c, s)], m, domains)[:2]]]
              for m, s in keys]
     notes = ["Accuracy (%) averaged over in-domain (ID) and out-of-domain (OOD) domains."]
     if ref := reference_of(results):
         diffs = {(c, s): _differences(results, c, s, ref) for c in conds for s in shots}
-        table += [[f"Δ {m} − {ref}", f"{n_way}w{s}s", *[v for c in conds for v in _combined(diffs[(c, s)], m,
+        table += [[f"Δ {m} − {ref}", cell_label(n_way, s), *[v for c in conds for v in _combined(diffs[(c, s)], m,
                                                                                             domains)[:2]]]
                   for m, s in keys if m != ref]
         notes.append(f"Δ rows: paired difference to {ref} over the same tasks, averaged over the domains of each "
@@ -272,7 +318,8 @@ def masking_table(results: dict, fmt: str = "md") -> str:
     """The gradient-masking checks per method, domain and shot (``results["masking"]``): the accuracies compared
     (%) and which flags fired ("—": none; see :mod:`amt.masking` for what each flag means)."""
     entries = [(m, d, s, info) for m, per_domain in (results.get("masking") or {}).items()
-               for d, per_shot in per_domain.items() for s, info in sorted(per_shot.items(), key=lambda kv: int(kv[0]))]
+               for d, per_shot in per_domain.items()
+               for s, info in sorted(per_shot.items(), key=lambda kv: shot_order(kv[0]))]
     labels = list(dict.fromkeys(k for *_, info in entries for k in info["accuracy"]))
     header = ["method", "domain", "shot", "tasks", *labels, "flags"]
     table = [[m, d, s, info["n_tasks"], *[info["accuracy"].get(k) for k in labels],
@@ -316,16 +363,19 @@ def _tables(results: dict) -> dict[str, str]:
     """CSV file name → CSV text, and "report.md" → Markdown, for every condition and shot present."""
     p = results["protocol"]
     files = {"main.csv": main_table(results, "csv")}
-    md = [f"# Results\n\nProtocol: {p['n_way']}-way, {p.get('n_query', '?')} queries per class, "
-          f"{p.get('n_tasks', '?')} tasks, seed {p.get('seed', '?')}.\n", "## Summary\n", main_table(results), ""]
+    md = [f"# Results\n\nProtocol: {_protocol(p)}, {p.get('n_tasks', '?')} tasks, seed {p.get('seed', '?')}.\n",
+          "## Summary\n", main_table(results), ""]
     if results.get("partial"):
         md.insert(1, f"**Partial results: {results['partial']}.**\n")
+    if select(results, "clean", VWVS):
+        files["task_shapes.csv"] = shape_table(results, "csv")
+        md += ["## Variable-way variable-shot task shapes ([CSV](task_shapes.csv))\n", shape_table(results), ""]
     for cond in CONDITIONS:
-        for shot in sorted({r["n_shot"] for r in select(results, cond)}):
-            name = f"{cond}_{shot}shot.csv"
+        for shot in shots_of(select(results, cond)):
+            name = f"{cond}_{shot}shot.csv" if shot != VWVS else f"{cond}_{VWVS}.csv"
+            title = f"{p['n_way']}-way {shot}-shot" if shot != VWVS else "variable-way variable-shot"
             files[name] = condition_table(results, cond, shot, "csv")
-            md += [f"## {cond.capitalize()}, {p['n_way']}-way {shot}-shot ([CSV]({name}))\n",
-                   condition_table(results, cond, shot), ""]
+            md += [f"## {cond.capitalize()}, {title} ([CSV]({name}))\n", condition_table(results, cond, shot), ""]
     if results.get("masking"):
         files["masking.csv"] = masking_table(results, "csv")
         md += ["## Gradient-masking checks ([CSV](masking.csv))\n", masking_table(results), ""]
@@ -333,6 +383,16 @@ def _tables(results: dict) -> dict[str, str]:
         md += ["## Settings chosen on validation tasks (per domain and shot)\n", merge_table(results), ""]
     files["report.md"] = "\n".join(md)
     return files
+
+
+def _protocol(p: dict) -> str:
+    """The task protocol of a results file in words."""
+    v = p.get("variable")
+    if p.get("episodes") == "variable" and v:
+        return (f"variable-way variable-shot tasks (Meta-Dataset's sampler: {v['min_ways']}–{v['max_ways']} ways, "
+                f"at most {v['max_support']} support images, {v['max_support_per_class']} per class, "
+                f"{v['max_query_per_class']} queries per class)")
+    return f"{p['n_way']}-way, {p.get('n_query', '?')} queries per class"
 
 
 def render_report(results_path: str | Path, out_dir: str | Path) -> str:
@@ -350,7 +410,9 @@ def render_report(results_path: str | Path, out_dir: str | Path) -> str:
             texts["report.md"] += "\n## Figures\n\n" + "\n\n".join(f"![{n[:-4]}]({n})" for n in pngs) + "\n"
         for name, text in texts.items():
             (stage / name).write_text(text if text.endswith("\n") else text + "\n")
-        stale = {*FIGURES, *(p.name for c in CONDITIONS for p in out_dir.glob(f"{c}_*shot.csv"))} - {*texts, *pngs}
+        old = [p.name for c in CONDITIONS for pattern in (f"{c}_*shot.csv", f"{c}_{VWVS}.csv")
+               for p in out_dir.glob(pattern)]
+        stale = {*FIGURES, "task_shapes.csv", *old} - {*texts, *pngs}
         for name in [*texts, *pngs]:
             os.replace(stage / name, out_dir / name)
         for name in stale:

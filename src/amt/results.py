@@ -18,6 +18,24 @@ ROW_KEYS = ("method", "domain", "in_domain", "n_shot", "mean", "ci95")
 MISSING = "—"
 
 
+VWVS = "vwvs"  # the shot cell of variable-way variable-shot tasks (``eval.episodes: variable``), in place of a K
+
+
+def cell_label(n_way, n_shot) -> str:
+    """A shot cell's name in tables: "5w1s" for 5-way 1-shot tasks, "vwvs" for variable-way variable-shot ones."""
+    return VWVS if n_shot == VWVS else f"{n_way}w{n_shot}s"
+
+
+def shot_order(n_shot) -> tuple[int, int]:
+    """Sort key of shot cells: K = 1, 5, ... in order (also as text, the keys of ``tuning``), then "vwvs"."""
+    return (1, 0) if n_shot == VWVS else (0, int(n_shot))
+
+
+def shots_of(rows) -> list:
+    """The shot cells of some rows, in :func:`shot_order`."""
+    return sorted({r["n_shot"] for r in rows}, key=shot_order)
+
+
 def load_results(path: str | Path) -> dict:
     """Read a results file; ValueError naming the file and the key when a required key is missing."""
     path = Path(path)
@@ -66,4 +84,12 @@ def domains_of(rows) -> dict[str, bool]:
 def tuned(results: dict) -> list[tuple[str, str, str, dict]]:
     """(method, domain, shot, info) of every tuning record (``results["tuning"][method][domain][shot]``)."""
     return [(m, d, shot, info) for m, per_domain in (results.get("tuning") or {}).items()
-            for d, per_shot in per_domain.items() for shot, info in sorted(per_shot.items(), key=lambda kv: int(kv[0]))]
+            for d, per_shot in per_domain.items() for shot, info in sorted(per_shot.items(),
+                                                                          key=lambda kv: shot_order(kv[0]))]
+
+
+def spectral_change(layer: dict) -> float:
+    """Mean change of a layer's top-k singular values from the pre-trained weights, (1/k) Σ_j (σ_j(W) − σ_j(W₀)),
+    in the weights' units (an entry of ``results["spectra"][method]["layers"]``, :mod:`amt.spectra`)."""
+    pairs = list(zip(layer["tuned"], layer["pretrained"]))
+    return sum(a - b for a, b in pairs) / len(pairs)

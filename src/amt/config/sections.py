@@ -146,8 +146,12 @@ class EvalConfig:
     """
 
     n_tasks: int = 600  # tasks per domain and shot setting
-    n_way: int = 5  # classes per task
-    shots: tuple[int, ...] = (1, 5)  # K values evaluated
+    # "fixed": n_way-way K-shot tasks for every K of `shots` | "variable": Meta-Dataset's variable-way
+    # variable-shot tasks (shape limits in `variable`; one cell "vwvs" per domain instead of one per shot; Table 18)
+    episodes: Literal["fixed", "variable"] = "fixed"
+    variable: VariableEpisodeConfig = field(default_factory=VariableEpisodeConfig)  # episodes: variable only
+    n_way: int = 5  # classes per task (episodes: fixed)
+    shots: tuple[int, ...] = (1, 5)  # K values evaluated (episodes: fixed)
     n_query: int = 15  # queries per class; classes too small are left out (named), fewer only if n_way cannot
     seed: int = 0  # seeds the task generator; every method sees the same tasks
     adversarial: bool = True  # evaluate the headline attack (`attack`) on the queries
@@ -165,6 +169,8 @@ class EvalConfig:
     # its validation tasks; test tasks never use them
     holdout_fraction: float = 0.2
     reference: str | None = "PM"  # method the paired differences are taken against (None: no differences)
+    # top singular values per adapted layer whose change from the pre-trained weights is recorded (Figs. 2-3)
+    spectra_top: int = 8
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class AutoAttackConfig:
     square_queries: int = 5000  # queries of the Square attack ("standard")
     n_tasks: int = 100  # tasks (of eval.n_tasks) attacked
     methods: tuple[str, ...] = ()  # evaluated methods attacked (names); () = every method
-    shots: tuple[int, ...] = ()  # shot settings attacked (of eval.shots); () = every shot
+    shots: tuple[int, ...] = ()  # shot settings attacked (of eval.shots); () = every shot, the "vwvs" cell too
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,7 @@ class MaskingConfig:
     many_steps: int = 50  # PGD steps of the "more steps" check (the headline attack's step size and ε)
     square_queries: int = 1000  # queries of the black-box Square check
     tolerance: float = 2.0  # accuracy points allowed for noise in every check
-    shots: tuple[int, ...] = ()  # shot settings checked (of eval.shots); () = every shot
+    shots: tuple[int, ...] = ()  # shot settings checked (of eval.shots); () = every shot, the "vwvs" cell too
 
 
 @dataclass(frozen=True)
@@ -316,6 +322,8 @@ class PoolConfig:
     eps: tuple[float, ...] = (0.01 / 255, 0.1 / 255, 6 / 255, 8 / 255)  # ℓ∞ radii, pixel units; P = len(eps)
     step_ratio: float = 0.5  # attack step = step_ratio * eps (docs/method.md decision: eps/2)
     strategy: Literal["separate", "uniform", "random"] = "separate"  # see the class docstring
+    # members trained: 0 = one per ε; "uniform"/"random" may set any number (1: a single module, ε drawn per episode)
+    size: int = 0
     attack: AttackConfig = field(
         default_factory=lambda: AttackConfig(steps=2, objective="kl")
     )  # template: norm, steps, objective, random start, pyramid; eps/step_size set per member
@@ -477,6 +485,6 @@ VARIANTS: dict[str, dict] = {
     # len(pool.eps) members, one ε each, and a single module with ε drawn from the pool every episode
     "film_pool": {"train": {"mode": "film", "apsv": False}},
     "adapter_pool": {"train": {"mode": "adapter", "apsv": False}},
-    "film": {"train": {"mode": "film", "apsv": False}, "pool": {"strategy": "random"}},
-    "adapter": {"train": {"mode": "adapter", "apsv": False}, "pool": {"strategy": "random"}},
+    "film": {"train": {"mode": "film", "apsv": False}, "pool": {"strategy": "random", "size": 1}},
+    "adapter": {"train": {"mode": "adapter", "apsv": False}, "pool": {"strategy": "random", "size": 1}},
 }
