@@ -19,6 +19,8 @@ from amt.config import (
     EvalConfig,
     FinetuneConfig,
     VariableEpisodeConfig,
+    load_config,
+    parse_override,
 )
 from amt.data.domains import load_domain
 from amt.data.transforms import build_transform
@@ -104,6 +106,10 @@ def test_variable_settings_are_checked():
     with pytest.raises(ConfigError, match="min_ways <= max_ways"):
         shot_cells(EvalConfig(episodes="variable", variable=VariableEpisodeConfig(min_ways=6, max_ways=5)))
     assert shot_cells(EvalConfig(shots=(1, 5))) == [1, 5]
+    # docs/paper.md's Table 18 switch on the Meta-Dataset preset: Meta-Dataset's limits by default
+    paper = load_config(CONFIG.parent / "paper" / "metadataset.yaml", parse_override("eval.episodes=variable"))
+    assert paper.eval.episodes == "variable" and paper.eval.variable == VariableEpisodeConfig()
+    assert shot_cells(paper.eval) == [VWVS]
 
 
 def test_amt_evaluate_variable_way_on_the_embedded_default_end_to_end(tmp_path):
