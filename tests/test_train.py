@@ -237,7 +237,7 @@ def test_apsv_changes_the_update_but_restores_the_weights_it_perturbs(data):
 def test_each_variant_trains_its_documented_parameter_set(data, tmp_path, variant):
     base = ExperimentConfig(train=TINY, pool=POOL)
     cfg = from_dict(ExperimentConfig, merge_dicts(to_dict(base), variant_overrides(variant)))
-    names = member_names(len(cfg.pool.eps), cfg.train.apq) if cfg.train.mode != "full" else []
+    names = member_names(len(cfg.pool.eps), cfg.train.apq, cfg.pool.size) if cfg.train.mode != "full" else []
     model = _model(names if cfg.train.mode == "lora" else (), init=cfg.lora.init)
     if cfg.train.mode in PEFT_MODES:
         inject_peft(model.vit, cfg.train.mode, list(names), PEFTConfig(adapter_bottleneck=8), gen(1))

@@ -302,12 +302,13 @@ def check_fingerprint(manifest: dict, fingerprint: str, where: Path) -> None:
             f"{fingerprint}; use the same backbone.arch/checkpoint as the pool, or train a new pool")
 
 
-def member_names(n_eps: int, apq: bool) -> list[str]:
-    """Adapter names of a pool: one member per attack radius with APQ on; a single member for clean
+def member_names(n_eps: int, apq: bool, size: int = 0) -> list[str]:
+    """Adapter names of a pool: one member per attack radius with APQ on (``size`` members when given: the
+    "uniform"/"random" strategies, e.g. one module drawing ε from the pool); a single member for clean
     meta-tuning (without attacks the members would differ only in their seed)."""
     if n_eps < 1:
         raise ConfigError("pool.eps is empty: list at least one attack radius")
-    return [f"member{i}" for i in range(n_eps if apq else 1)]
+    return [f"member{i}" for i in range((size or n_eps) if apq else 1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +343,8 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
     check_fingerprint(manifest, fingerprint, run)
     cfg = manifest["config"]
     members = sorted(manifest["members"], key=lambda m: m["index"])
-    expected = member_names(len(cfg["pool"]["eps"]), cfg["train"]["apq"]) if manifest["mode"] != "full" else [None]
+    expected = (member_names(len(cfg["pool"]["eps"]), cfg["train"]["apq"], cfg["pool"].get("size", 0))
+                if manifest["mode"] != "full" else [None])
     missing = [n or "member0" for n in expected if n not in {m["name"] for m in members}]
     unfinished = [m["name"] or m["dir"] for m in members if not m.get("finished")]
     if missing or unfinished:

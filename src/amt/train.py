@@ -411,6 +411,10 @@ def check_settings(settings: MetaTuning, world: int = 1) -> None:
     bad = [e for e in settings.pool.eps if not 0 <= e <= 1] if settings.train.apq else []
     if bad:
         raise ConfigError(f"pool.eps holds {bad}: attack radii are pixel units in [0, 1], e.g. 0.0157 for 4/255")
+    size = settings.pool.size
+    if size < 0 or (size and settings.pool.strategy == "separate" and size != len(settings.pool.eps)):
+        raise ConfigError(f"pool.size={settings.pool.size}: with strategy 'separate' each member has its own ε (size 0 "
+                          "or len(pool.eps)); 'uniform'/'random' take any size >= 1")
     if settings.train.apq and not settings.pool.step_ratio > 0:
         raise ConfigError(f"pool.step_ratio={settings.pool.step_ratio} must be > 0 (the attack step is ratio · ε)")
     if not settings.train.lr > 0 or settings.train.epochs * settings.train.episodes_per_epoch < 1:
