@@ -97,7 +97,8 @@ def _corruption_figure(results: dict):
                 ax.plot(severities, [_domain_avg([r for r in mine if r["corruption"]["severity"] == s], kind, domains)
                                      for s in severities], marker="o", label=method)
         bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
-        bars.set(title=f"{label}: per corruption", ylabel="accuracy (%), mean over severities")
+        bars.set(title=f"{label}: per corruption",
+                 ylabel="accuracy (%)" + (", mean over severities" if against else ""))
         for ax in lines:
             ax.set(title=f"{label}: against severity", xlabel="severity", ylabel="accuracy (%), mean over corruptions")
             ax.set_xticks(severities)
