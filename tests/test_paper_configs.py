@@ -126,6 +126,14 @@ EXPECTED_SWITCHES = {  # what each variant changes in the paper preset, and noth
     "clean_lora": {"train.apq": False, "train.apsv": False},
     "clean_lora_standard": {"train.apq": False, "train.apsv": False, "lora.init": "standard"},
     "pmf": {"train.mode": "full", "train.apq": False, "train.apsv": False},
+    "styleadv": {"train.mode": "full", "train.augment": "styleadv", "train.apq": False, "train.apsv": False},
+    "randconv": {"train.augment": "randconv", "train.apq": False, "train.apsv": False},
+    "alt": {"train.augment": "alt", "train.apq": False, "train.apsv": False},
+    "alt_pool": {"train.augment": "alt", "train.apq": False, "train.apsv": False, "train.alt.steps": [1, 3, 5, 10]},
+    "film_pool": {"train.mode": "film", "train.apsv": False},
+    "adapter_pool": {"train.mode": "adapter", "train.apsv": False},
+    "film": {"train.mode": "film", "train.apsv": False, "pool.strategy": "random", "pool.size": 1},
+    "adapter": {"train.mode": "adapter", "train.apsv": False, "pool.strategy": "random", "pool.size": 1},
 }
 
 

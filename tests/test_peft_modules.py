@@ -141,8 +141,10 @@ def test_film_pool_and_single_adapter_train_from_the_cli_and_evaluate_as_rows(tm
     methods = (f"methods=[{{name: PM}}, {{name: FiLM-pool, pool: {tmp_path / 'film'}, rule: ttm}}, "
                f"{{name: FiLM-avg, pool: {tmp_path / 'film'}, rule: uniform}}, "
                f"{{name: FiLM-logits, pool: {tmp_path / 'film'}, rule: logit_avg}}, "
+               f"{{name: FiLM-classifier, pool: {tmp_path / 'film'}, rule: linear_classifier}}, "
                f"{{name: Adapter, pool: {tmp_path / 'adapter'}, rule: single}}, "
                f"{{name: Adapter-FT, pool: {tmp_path / 'adapter'}, rule: single, finetune: true}}]")
     assert main(["evaluate", "--out", str(tmp_path / "ev"), *common, "--set", methods]) == 0
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
-    assert {r["method"] for r in rows} == {"PM", "FiLM-pool", "FiLM-avg", "FiLM-logits", "Adapter", "Adapter-FT"}
+    assert {r["method"] for r in rows} == {"PM", "FiLM-pool", "FiLM-avg", "FiLM-logits", "FiLM-classifier", "Adapter",
+                                          "Adapter-FT"}

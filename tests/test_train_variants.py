@@ -203,3 +203,33 @@ def test_styleadv_and_randconv_train_from_the_cli_and_evaluate_as_rows_with_and_
     assert main(["evaluate", "--out", str(tmp_path / "ev"), *common, "--set", methods]) == 0
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
     assert {r["method"] for r in rows} == {"PM", "StyleAdv", "StyleAdv-FT", "RandConv"}
+
+
+def test_the_documented_comparator_rows_parse_on_the_paper_preset():
+    """docs/paper.md: the StyleAdv rows of `M1` (Tables 1, 2, 20) and the Table 16/17 commands and rows."""
+    import re
+    from pathlib import Path
+
+    from amt.config import VARIANTS, load_config, parse_override
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "paper.md").read_text()
+    preset = root / "configs" / "paper" / "metadataset.yaml"
+    m1 = re.search(r'^M1="(methods=.*)"$', doc, re.M).group(1)
+    rows = {m.name: m for m in load_config(preset, parse_override(m1)).methods}
+    assert rows["StyleAdv"].pool == "runs/paper/styleadv_1shot" and not rows["StyleAdv"].finetune
+    assert rows["StyleAdv-FT"].finetune
+    assert "--variant styleadv   --out runs/paper/styleadv_1shot" in doc
+    for table in ("Table 16", "Table 17"):
+        line = next(x for x in doc.splitlines() if x.startswith(f"| **{table}**"))
+        for variant in re.findall(r"--variant (\w+)", line):
+            assert variant in VARIANTS, (table, variant)
+        methods = re.search(r'"(methods=\[.*?\])"', line)
+        if methods and "..." not in methods.group(1):
+            load_config(preset, parse_override(methods.group(1)))
+        rows = re.findall(r"\{name: [^}]*\}", line)
+        assert rows and all(load_config(preset, parse_override(f"methods=[{r}]")).methods for r in rows)
+        assert "not built" not in line.replace("Test-time LoRA tuning: **not built**", "")
+    for line in doc.splitlines():
+        if line.startswith(("| **Table 1**", "| **Table 2**", "| **Table 20**")):
+            assert "not built" not in line and "StyleAdv" in line

@@ -362,18 +362,17 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
         from amt.peft_modules import inject_peft
 
         inject_peft(vit, manifest["mode"], names, from_dict(PEFTConfig, cfg.get("peft", {})))
-        scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
-        return LoadedPool(tuple(names), scales)
-    lora = cfg["lora"]
-    inject_lora(vit, tuple(lora["targets"]), names, lora["rank"], lora["scaling"], lora["init"])
-    if "residual_fingerprint" not in manifest:
-        log.warning("%s was written before pools recorded their W_res fingerprint: cannot check that the frozen "
-                    "weights match; retrain the pool to get the check", run)
     else:
-        try:
-            check_residual_fingerprint(vit, manifest["residual_fingerprint"], str(run))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        lora = cfg["lora"]
+        inject_lora(vit, tuple(lora["targets"]), names, lora["rank"], lora["scaling"], lora["init"])
+        if "residual_fingerprint" not in manifest:
+            log.warning("%s was written before pools recorded their W_res fingerprint: cannot check that the frozen "
+                        "weights match; retrain the pool to get the check", run)
+        else:
+            try:
+                check_residual_fingerprint(vit, manifest["residual_fingerprint"], str(run))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
     scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
     log.info("loaded pool %s: %s (logit scales %s)", run, names, ", ".join(f"{s:.2f}" for s in scales))
     pool_eps = [float(e) for e in cfg["pool"]["eps"]]
