@@ -59,6 +59,29 @@ def test_attnscale_trains_only_attention_scales_changes_support_features_and_res
     assert (outs[5e-2][0] - start_feats).abs().max() > 1e-3  # tuning changed the support features
 
 
+def test_test_time_lora_trains_only_fresh_factors_changes_features_and_restores_everything():
+    inner = _method("ttm")  # test-time LoRA on the merged AMT model
+    before = snapshot(inner.model)
+    x, y = make_support()
+    with inner.adapt(x, y, 3, gen(0)) as (fn, _):
+        task_state, start_feats = snapshot(inner.model), _features(fn, x)
+    feats = {}
+    for lr in (0.0, 5e-2):
+        method = FinetunedMethod(inner, FinetuneConfig(steps=3, lora_rank=4, lora_lr_grid=(lr,)), AUG, tuned="lora")
+        with method.adapt(x, y, 3, gen(0)) as (fn, record):
+            assert_same_state(task_state, inner.model)  # the weights never move: the fresh factors live in hooks
+            assert _hooks(inner.model) == 2 * 4  # qkv, proj, fc1, fc2 of both blocks
+            feats[lr] = _features(fn, x)
+        assert_same_state(before, inner.model)
+        assert _hooks(inner.model) == 0
+    assert torch.equal(feats[0.0], start_feats)  # B = 0: exactly the model it starts from
+    assert (feats[5e-2] - start_feats).abs().max() > 1e-3  # tuning the factors changed the support features
+    with pytest.raises(ValueError, match="lora_rank"):
+        with FinetunedMethod(inner, FinetuneConfig(lora_rank=0, lora_lr_grid=(1e-2,)), AUG, tuned="lora").adapt(
+                x, y, 3, gen(0)):
+            pass
+
+
 def test_attention_scales_are_the_only_new_parameters_and_multiply_the_projections():
     model = make_pool()
     x, _ = make_support()
@@ -112,7 +135,7 @@ def test_adversarial_finetuning_changes_the_tuned_model_and_restores_every_weigh
         assert _hooks(inner.model) == 0
     assert not torch.allclose(outs[False], outs[True])
     with pytest.raises(ValueError, match="fine-tuning target"):
-        FinetunedMethod(inner, cfg, AUG, tuned="lora")
+        FinetunedMethod(inner, cfg, AUG, tuned="prompt")
 
 
 def test_member_classifier_recovers_which_member_produced_a_sample():

@@ -10,7 +10,11 @@ against the prototypes of the clean support, computed with the parameters being 
   block's attention gets learnable per-channel multiplicative scales on its q, k, v projections (the output
   channels of the fused ``attn.qkv``: ``diag(s_qkv)·W_qkv``, bias included) and on its output projection
   (``attn.proj``), all initialised to 1, plus (``attnscale_offset``) eTT's domain-residual offset: a vector
-  added to the attention output, initialised to 0. These live in forward hooks for the task only.
+  added to the attention output, initialised to 0. These live in forward hooks for the task only;
+- ``"lora"`` (test-time LoRA tuning, the paper's Table 17): the weights stay fixed; a fresh LoRA of rank
+  ``lora_rank`` on every ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (A kaiming-uniform from the
+  task's generator, B = 0, so the model is unchanged until tuned) adds ``(x Aᵀ) Bᵀ`` to each output through a
+  forward hook for the task only.
 
 Adversarial test-time fine-tuning (Adv. TTF, the paper's Table 3): every step also attacks the pseudo-queries
 (``FinetuneConfig.attack``: PGD on their cross-entropy against the ProtoNet of the parameters being tuned) and
@@ -34,10 +38,11 @@ from amt.config import AttackConfig, AugmentConfig, FinetuneConfig
 from amt.head import cosine_logits, prototypes
 from amt.merge import pseudo_queries
 
-TUNED = ("full", "attnscale")
-"""What test-time fine-tuning trains: every backbone weight, or ATTNSCALE's attention scales."""
+TUNED = ("full", "attnscale", "lora")
+"""What test-time fine-tuning trains: every backbone weight, ATTNSCALE's attention scales, or a fresh LoRA."""
 
 ATTENTION_LAYERS = ("attn.qkv", "attn.proj")  # module-name suffixes whose outputs ATTNSCALE scales
+LORA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # module-name suffixes test-time LoRA adapts
 
 
 def _tuned_tensors(model: nn.Module) -> list[nn.Parameter]:
@@ -70,6 +75,41 @@ def attention_scaled(model: nn.Module, offset: bool = True) -> Iterator[list[nn.
 
             def hook(_m: nn.Module, _inp: tuple, out: Tensor, s: Tensor = scale, o: Tensor | None = shift) -> Tensor:
                 return out * s + o if o is not None else out * s
+
+            handles.append(module.register_forward_hook(hook))
+        yield params
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def lora_added(model: nn.Module, rank: int, generator: torch.Generator) -> Iterator[list[nn.Parameter]]:
+    """A fresh LoRA on every linear layer named ``*`` + one of :data:`LORA_LAYERS` for the context; yields its
+    factors (trainable), ``[A [rank, in], B [out, rank]]`` per layer.
+
+    A forward hook adds ``(x Aᵀ) Bᵀ`` to the layer's output; A is kaiming-uniform (bound 1/√in) drawn from
+    ``generator``, B starts at 0, so the function is unchanged until tuned. The hooks are removed on exit and the
+    factors are never registered in the model (its ``state_dict`` and weights never change).
+    """
+    layers = [m for n, m in model.named_modules() if n.endswith(LORA_LAYERS) and hasattr(m, "in_features")]
+    if not layers:
+        raise ValueError(f"test-time LoRA found no layers named *{' or *'.join(LORA_LAYERS)}")
+    if rank < 1:
+        raise ValueError(f"finetune.lora_rank must be >= 1, got {rank}")
+    params: list[nn.Parameter] = []
+    handles = []
+    try:
+        for module in layers:
+            device = next(module.parameters()).device
+            bound = 1 / module.in_features**0.5
+            a = (torch.rand(rank, module.in_features, generator=generator) * 2 - 1) * bound
+            lora_a = nn.Parameter(a.to(device))
+            lora_b = nn.Parameter(torch.zeros(module.out_features, rank, device=device))
+            params += [lora_a, lora_b]
+
+            def hook(_m: nn.Module, inp: tuple, out: Tensor, a: Tensor = lora_a, b: Tensor = lora_b) -> Tensor:
+                return out + F.linear(F.linear(inp[0], a), b)
 
             handles.append(module.register_forward_hook(hook))
         yield params
@@ -119,7 +159,7 @@ def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, 
     ``cfg.steps`` Adam steps at learning rate ``lr`` (none if either is 0) on what ``tuned`` names
     (:data:`TUNED`); ``scale`` is the logit scale of the per-task model being tuned; ``adversarial``: Adv. TTF.
     Pseudo-queries and attack starts are drawn from ``generator``. "full" restores every tuned weight
-    bit-for-bit; "attnscale" never changes a weight and removes its hooks.
+    bit-for-bit; "attnscale" and "lora" never change a weight and remove their hooks.
     """
     if tuned not in TUNED:
         raise ValueError(f"unknown fine-tuning target {tuned!r}; choose one of {TUNED}")
@@ -127,8 +167,8 @@ def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, 
     saved = [p.detach().clone() for p in weights] if tuned == "full" else []
     flags = [p.requires_grad for p in weights]
     try:
-        with attention_scaled(model, cfg.attnscale_offset) if tuned == "attnscale" else _no_extra() as extra:
-            params = extra if tuned == "attnscale" else weights
+        with _added(model, tuned, cfg, generator) as extra:
+            params = weights if tuned == "full" else extra
             if cfg.steps > 0 and lr > 0:
                 for p in params:
                     p.requires_grad_(True)
@@ -152,5 +192,14 @@ def finetuned(model: nn.Module, support_images: Tensor, support_labels: Tensor, 
 
 
 @contextmanager
-def _no_extra() -> Iterator[list[nn.Parameter]]:
-    yield []
+def _added(model: nn.Module, tuned: str, cfg: FinetuneConfig, generator: torch.Generator,
+           ) -> Iterator[list[nn.Parameter]]:
+    """The task's extra parameters of ``tuned``: ATTNSCALE's scales, a fresh LoRA, or none ("full")."""
+    if tuned == "attnscale":
+        with attention_scaled(model, cfg.attnscale_offset) as params:
+            yield params
+    elif tuned == "lora":
+        with lora_added(model, cfg.lora_rank, generator) as params:
+            yield params
+    else:
+        yield []

@@ -338,7 +338,7 @@ class FinetunedMethod(Method):
     """Wrap a single-model method (PM, PMF or a pool rule other than "logit_avg"): its per-task model, then
     fine-tuned on the support set (:func:`amt.finetune.finetuned`): ``tuned`` is what is trained (one of
     :data:`amt.finetune.TUNED`; its learning rates are ``cfg.lr_grid`` for "full", ``cfg.attnscale_lr_grid`` for
-    "attnscale"), ``adversarial`` switches on Adv. TTF."""
+    "attnscale", ``cfg.lora_lr_grid`` for "lora"), ``adversarial`` switches on Adv. TTF."""
 
     def __init__(self, inner: BackboneMethod | PoolMethod, cfg: FinetuneConfig, augment: AugmentConfig,
                  tuned: str = "full", adversarial: bool = False) -> None:
@@ -349,8 +349,9 @@ class FinetunedMethod(Method):
         self.inner, self.cfg, self.augment = inner, cfg, augment
         self.tuned, self.adversarial = tuned, adversarial
         self.model = inner.model
-        self.lr_grid = tuple(cfg.attnscale_lr_grid if tuned == "attnscale" else cfg.lr_grid)
-        default = cfg.attnscale_lr if tuned == "attnscale" else cfg.lr
+        grids = {"full": (cfg.lr_grid, cfg.lr), "attnscale": (cfg.attnscale_lr_grid, cfg.attnscale_lr),
+                 "lora": (cfg.lora_lr_grid, cfg.lora_lr)}
+        self.lr_grid, default = tuple(grids[tuned][0]), grids[tuned][1]
         self.lr = self.lr_grid[0] if self.lr_grid else default
 
     @property

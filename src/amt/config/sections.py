@@ -260,7 +260,8 @@ class MethodConfig:
     finetune: bool = False  # test-time fine-tuning on the support set (AMT-FT, PMF+FT, ATTNSCALE)
     # what test-time fine-tuning trains: "full" (every backbone weight, PMF) | "attnscale" (ATTNSCALE: per-channel
     # scales of every attention's q, k, v and output, and a residual offset per block; the weights stay as they are)
-    finetune_params: Literal["full", "attnscale"] = "full"
+    # | "lora" (test-time LoRA tuning: a fresh rank-`finetune.lora_rank` LoRA on qkv, proj, fc1, fc2, B = 0)
+    finetune_params: Literal["full", "attnscale", "lora"] = "full"
     finetune_adversarial: bool = False  # Adv. TTF: also fit pseudo-queries attacked against the model being tuned
     # this row's changes to the experiment's `merge` section (e.g. {adv_weight_grid: [0], objective: clean}: the
     # paper's Algorithm 2 with clean-accuracy selection); {} = the merge section as it is
@@ -279,6 +280,9 @@ class FinetuneConfig:
     attnscale_lr: float = 1e-2  # Adam learning rate of the attention scales and offsets ("attnscale")
     attnscale_lr_grid: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1)  # chosen per domain on validation tasks
     attnscale_offset: bool = True  # ATTNSCALE: also learn eTT's domain-residual offset after each attention
+    lora_rank: int = 8  # test-time LoRA ("lora"): rank of the fresh adapter on every qkv, proj, fc1, fc2
+    lora_lr: float = 1e-3  # Adam learning rate of its factors ("lora")
+    lora_lr_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)  # chosen per domain on validation tasks ("lora")
     # Adv. TTF: each step's pseudo-queries are also attacked (PGD on CE against the ProtoNet of the weights being
     # tuned, random start) and the loss is CE(clean) + adv_weight · CE(attacked)
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(eps=4.5 / 255, step_size=2.25 / 255, steps=2))
