@@ -174,7 +174,7 @@ def test_model_card_holds_clean_robust_and_corrupted_accuracy_per_domain_and_sho
         if r["condition"] != "corruption":
             assert f"{r['mean']:.2f} ± {r['ci95']:.2f}" in card
     for shot in (1, 5):
-        assert f"### Corrupted, 5-way {shot}-shot" in card
+        assert f"### Corrupted, 5w{shot}s" in card
         assert condition_table(results, "corruption", shot) in card
         assert condition_table(results, "adversarial", shot) in card
     other = tmp_path / "other.json"

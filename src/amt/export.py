@@ -37,7 +37,7 @@ from amt.lora import lora_layers
 from amt.lora_layer import LoRALinear
 from amt.pipeline import pool_path
 from amt.report import condition_table
-from amt.results import load_results, select
+from amt.results import cell_label, load_results, select, shots_of
 from amt.rundir import WEIGHTS_FILE, load_pool, read_manifest, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,10 @@ def _results_lines(results: dict, source: str) -> list[str]:
     if results.get("partial"):
         lines.append(f"PARTIAL results: {results['partial']}.")
     titles = {"clean": "Clean", "adversarial": "Robust (headline attack)", "corruption": "Corrupted"}
-    for shot in sorted({r["n_shot"] for r in results["results"]}):
+    for shot in shots_of(results["results"]):  # a variable-way run has one cell, "vwvs"
         for cond, title in titles.items():
             if select(results, cond, shot):
-                lines += ["", f"### {title}, {proto['n_way']}-way {shot}-shot", "",
+                lines += ["", f"### {title}, {cell_label(proto['n_way'], shot)}", "",
                           condition_table(results, cond, shot)]
     return lines
 

@@ -345,15 +345,3 @@ def merge_grid(cfg: MergeConfig) -> list[MergeParams]:
         (r, g) for r in cfg.rho_grid if r < 1 for g in cfg.trim_group_grid]
     return [MergeParams(lam, beta, rho, group, gamma) for gamma in cfg.adv_weight_grid for lam in cfg.lambda_grid
             for beta in cfg.beta_grid for rho, group in trims]
-
-
-@torch.no_grad()
-def merged_spectra(model: nn.Module, coefficients: dict[str, float], layers: Sequence[str]) -> dict[str, list[float]]:
-    """Singular values (descending) of W' = W_res + Σ ζᵢ ΔWᵢ for the LoRA layers named in ``layers``
-    (the paper's Fig. 2/3 compares such spectra with and without APSV)."""
-    all_layers = lora_layers(model)
-    missing = [n for n in layers if n not in all_layers]
-    if missing:
-        raise ValueError(f"no LoRA layer {missing}; LoRA layers are {list(all_layers)[:8]}...")
-    with merged(model, coefficients):
-        return {n: torch.linalg.svdvals(all_layers[n].weight.double()).tolist() for n in layers}
