@@ -14,6 +14,7 @@ from amt.lora import adapter_state_dict, inject_lora, lora_layers, residual_fing
 from amt.rundir import (
     MEMBER_RECORD_FILE,
     WEIGHTS_FILE,
+    atomic_dir,
     atomic_write,
     load_pool,
     member_dir,
@@ -107,6 +108,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
     write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_replaces_the_folder_only_when_filling_it_succeeds(tmp_path):
+    dest = tmp_path / "export"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(dest) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("disk full")
+    assert [p.name for p in dest.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["export"]
+    with atomic_dir(dest) as tmp:
+        assert not any(tmp.iterdir())
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
 class _Payload:

@@ -22,8 +22,6 @@ amt scaling is folded into B'). Nothing here imports ``peft``: the files are wri
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from amt.lora_layer import LoRALinear
 from amt.pipeline import pool_path
 from amt.report import condition_table
 from amt.results import cell_label, load_results, select, shots_of
-from amt.rundir import WEIGHTS_FILE, load_pool, read_manifest, write_json, write_text
+from amt.rundir import WEIGHTS_FILE, atomic_dir, load_pool, read_manifest, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -319,11 +317,9 @@ def export_peft(pool: str | Path, out: str | Path, backbone: BackboneConfig, res
     weights = {k[: -len(".weight")]: v.clone() for k, v in model.vit.state_dict().items() if k.endswith(".weight")}
     loaded = load_pool(model, run, fingerprint(model.vit))
     layers = lora_layers(model.vit)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with atomic_dir(out) as tmp:
         ranks: dict[str, int] = {}
         for name, scale, member in zip(loaded.names, loaded.scales, sorted(manifest["members"],
                                                                            key=lambda m: m["index"])):
@@ -336,10 +332,6 @@ def export_peft(pool: str | Path, out: str | Path, backbone: BackboneConfig, res
                 "amt_eps": repr(eps), "amt_backbone_fingerprint": manifest["backbone_fingerprint"]})
         splits = {q: layer.splits for q, layer in layers.items()}
         write_text(tmp / CARD_NAME, model_card(manifest, ref, backbone, ranks, splits, results_data, str(results)))
-        _check_out(out)  # still empty: nothing appeared there meanwhile
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_out(out)  # still empty: nothing appeared there meanwhile (atomic_dir replaces an empty folder)
     log.info("exported %d PEFT adapters of %s to %s", len(loaded.names), ref, out)
     return out

@@ -237,8 +237,7 @@ class PoolMethod(Method):
         """Rule "linear_classifier": ζ ``[P]`` from :func:`amt.merge.classifier_coefficients` — member i's attack is
         the evaluation attack's norm at member i's training ε (``merge.score_steps`` steps)."""
         pseudo, pseudo_labels = pseudo_queries(support_images, support_labels, self.augment, generator)
-        attacks = [dataclasses.replace(short_attack(self.attack, self.cfg.score_steps), eps=e,
-                                       step_size=2.5 * e / max(1, self.cfg.score_steps)) for e in self.member_eps]
+        attacks = [short_attack(dataclasses.replace(self.attack, eps=e), self.cfg.score_steps) for e in self.member_eps]
         return classifier_coefficients(self.model, self.names, [float(s) for s in self.scales], support_images,
                                        support_labels, pseudo, pseudo_labels, attacks, self.cfg, generator)
 

@@ -65,6 +65,25 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of ``path`` to fill; on success it replaces ``path`` (a folder
+    already there is deleted first), on an exception it is deleted and ``path`` is left as it was."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 LOCK_FILE = ".amt.lock"
 
 
@@ -375,10 +394,18 @@ def load_pool(model: nn.Module, run: str | Path, fingerprint: str) -> LoadedPool
                 raise ConfigError(str(exc)) from exc
     scales = tuple(load_weights(model, name, run / name / WEIGHTS_FILE) for name in names)
     log.info("loaded pool %s: %s (logit scales %s)", run, names, ", ".join(f"{s:.2f}" for s in scales))
-    pool_eps = [float(e) for e in cfg["pool"]["eps"]]
-    eps = (() if not cfg["train"]["apq"] else tuple(pool_eps) if cfg["pool"].get("strategy", "separate") == "separate"
-           else (sum(pool_eps) / len(pool_eps),) * len(names))
-    return LoadedPool(tuple(names), scales, eps)
+    return LoadedPool(tuple(names), scales, _member_eps(cfg, len(names)))
+
+
+def _member_eps(cfg: dict, n_members: int) -> tuple[float, ...]:
+    """Each member's training radius from a pool's recorded config (:attr:`LoadedPool.eps`): none for clean
+    meta-tuning; ``pool.eps[i]`` under "separate"; the mean of ``pool.eps`` under "uniform" and "random"."""
+    if not cfg["train"]["apq"]:
+        return ()
+    eps = [float(e) for e in cfg["pool"]["eps"]]
+    if cfg["pool"].get("strategy", "separate") == "separate":
+        return tuple(eps)
+    return (sum(eps) / len(eps),) * n_members
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,16 +436,12 @@ def export_pool(run: str | Path, dest: str | Path, command: str = "") -> dict:
     if dest.exists() and not (dest / EXPORT_FILE).is_file():
         raise ConfigError(f"{dest} exists and is not an exported pool; choose a new folder")
     files = sorted({p.relative_to(run) for pattern in _EXPORTED for p in run.glob(pattern)})
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel in files:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run / rel, tmp / rel)
-    record = {"source": str(run), "command": command, "files": {str(rel): _sha256(tmp / rel) for rel in files}}
-    write_json(tmp / EXPORT_FILE, record)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / rel, tmp / rel)
+        record = {"source": str(run), "command": command, "files": {str(rel): _sha256(tmp / rel) for rel in files}}
+        write_json(tmp / EXPORT_FILE, record)
     log.info("exported %s to %s (%d files)", run, dest, len(files))
     return record
 
